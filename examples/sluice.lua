@@ -1,0 +1,34 @@
+-- Example config: sluice in front of the bundled mock model servers (scripts/run-demo.sh
+-- starts them). Every key is documented in docs/config.md.
+return {
+  listen = { "127.0.0.1:8080" },
+  workers = 1,
+  policies = "../policies", -- relative to this file
+  log_level = "info",
+
+  limits = {
+    max_header_bytes = 32 * 1024,
+    max_body_bytes = 16 * 1024 * 1024,
+    header_timeout_ms = 10000,
+    idle_timeout_ms = 60000,
+  },
+
+  pools = {
+    llm = {
+      endpoints = { "http://127.0.0.1:9201", "http://127.0.0.1:9202" },
+      balancer = "least_inflight", -- policies/balancer/least_inflight.lua
+      timeout_ms = { connect = 1000, first_byte = 2000, total = 120000 },
+      keepalive = { max_idle = 64, idle_timeout_ms = 60000 },
+    },
+    tts = {
+      endpoints = { { url = "http://127.0.0.1:9301", weight = 1 } },
+      balancer = "round_robin",
+    },
+  },
+
+  routes = {
+    { path = "/v1/chat/completions", pool = "llm" },
+    { path = "/v1/audio/speech", pool = "tts" },
+    { path = "/echo", pool = "llm" },
+  },
+}

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Installs what is missing, builds, and runs sluice with examples/sluice.lua in front of the
+# bundled mock model servers. Ctrl-C stops everything.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/setup.sh
+cmake -S . -B build/release -DSLUICE_TESTS=OFF >/dev/null
+cmake --build build/release -j"$(nproc)" --target sluice sluice-mock
+
+bin=build/release
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT INT TERM
+
+# Mock model servers, as examples/sluice.lua expects them.
+"$bin/examples/mock/sluice-mock" --listen 127.0.0.1:9201 --name llm-1 --latency-ms 20 --sse-interval-ms 150 & pids+=($!)
+"$bin/examples/mock/sluice-mock" --listen 127.0.0.1:9202 --name llm-2 --latency-ms 20 --sse-interval-ms 150 & pids+=($!)
+"$bin/examples/mock/sluice-mock" --listen 127.0.0.1:9301 --name tts-1 --latency-ms 40 & pids+=($!)
+
+"$bin/sluice" --check -c examples/sluice.lua
+"$bin/sluice" -c examples/sluice.lua & pids+=($!)
+for _ in $(seq 50); do curl -s -o /dev/null http://127.0.0.1:8080/ && break; sleep 0.1; done
+
+cat <<'TXT'
+
+sluice is listening on http://127.0.0.1:8080 in front of three mock model servers.
+Try:
+
+  # an OpenAI-style chat completion, balanced across llm-1 and llm-2 (see x-mock-instance)
+  curl -i http://127.0.0.1:8080/v1/chat/completions -d '{"model":"mock","messages":[]}'
+
+  # the same, streamed as server-sent events, relayed event by event
+  curl -N http://127.0.0.1:8080/v1/chat/completions -d '{"model":"mock","stream":true}'
+
+  # what the upstream received (X-Forwarded-*, X-Request-Id added; hop-by-hop removed)
+  curl -s http://127.0.0.1:8080/echo -H 'x-request-id: demo-123'
+
+  # a route with no pool → 404 JSON error; a slow upstream → 504 JSON error
+  curl -i http://127.0.0.1:8080/nowhere
+  curl -i http://127.0.0.1:8080/echo -H 'x-mock-delay-ms: 3000'
+
+  # load: wrk -t1 -c50 -d5s http://127.0.0.1:8080/echo
+
+Edit examples/sluice.lua or policies/balancer/*.lua and restart to change behaviour.
+Ctrl-C stops sluice (it drains in-flight requests) and the mocks.
+TXT
+wait "${pids[-1]}"

@@ -1,0 +1,30 @@
+/* Growable byte buffer. The buffer owns `data`; sl_buf_free releases it. */
+#ifndef SL_BUF_H
+#define SL_BUF_H
+
+#include "common.h"
+
+typedef struct sl_buf {
+  char *data;
+  size_t len;
+  size_t cap;
+} sl_buf_t;
+
+static inline void sl_buf_init(sl_buf_t *b) {
+  b->data = NULL;
+  b->len = b->cap = 0;
+}
+void sl_buf_free(sl_buf_t *b);
+/* Ensures room for `extra` more bytes; returns a pointer to the end of the data. */
+char *sl_buf_reserve(sl_buf_t *b, size_t extra);
+void sl_buf_append(sl_buf_t *b, const void *p, size_t n);
+void sl_buf_appends(sl_buf_t *b, const char *s);
+void sl_buf_appendf(sl_buf_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Appends `s` escaped for use inside a JSON string literal (quotes not added). */
+void sl_buf_append_json_str(sl_buf_t *b, const char *s, size_t n);
+/* Drops the first `n` bytes, moving the rest to the front. */
+void sl_buf_consume(sl_buf_t *b, size_t n);
+/* Hands the storage to the caller (who frees it with free()) and resets the buffer. */
+char *sl_buf_steal(sl_buf_t *b);
+
+#endif

@@ -1,0 +1,330 @@
+#include "config.h"
+
+#include "log.h"
+#include "policy.h"
+
+#include <errno.h>
+#include <lauxlib.h>
+#include <lualib.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+static char *read_file(const char *path, size_t *len, char *err, size_t errlen) {
+  FILE *f = fopen(path, "rb");
+  if (!f) {
+    snprintf(err, errlen, "%s: cannot open: %s", path, strerror(errno));
+    return NULL;
+  }
+  sl_buf_t b;
+  sl_buf_init(&b);
+  char chunk[8192];
+  size_t n;
+  while ((n = fread(chunk, 1, sizeof(chunk), f)) > 0) sl_buf_append(&b, chunk, n);
+  bool bad = ferror(f);
+  fclose(f);
+  if (bad) {
+    snprintf(err, errlen, "%s: read error", path);
+    sl_buf_free(&b);
+    return NULL;
+  }
+  *len = b.len;
+  sl_buf_append(&b, "", 1);
+  return sl_buf_steal(&b);
+}
+
+/* The config runs with a minimal environment: plain data-building functions and os.getenv for
+ * secrets. It is operator-written, but it must not be able to do I/O by accident. */
+static const char config_env_src[] =
+    "local env = { pairs = pairs, ipairs = ipairs, next = next, type = type, tostring = tostring,"
+    "  tonumber = tonumber, select = select, error = error, assert = assert, unpack = unpack,"
+    "  string = string, table = table, math = math, os = { getenv = os.getenv } }\n"
+    "env._G = env\n"
+    "return env\n";
+
+int sl_config_eval(lua_State *L, const sl_config_t *cfg, char *err, size_t errlen) {
+  int base = lua_gettop(L);
+  char chunkname[1024];
+  snprintf(chunkname, sizeof(chunkname), "@%s", cfg->file);
+  if (luaL_loadbuffer(L, cfg->source, cfg->source_len, chunkname) != 0) {
+    snprintf(err, errlen, "%s", lua_tostring(L, -1));
+    lua_settop(L, base);
+    return -1;
+  }
+  if (luaL_loadstring(L, config_env_src) != 0 || lua_pcall(L, 0, 1, 0) != 0) {
+    snprintf(err, errlen, "%s: internal error preparing config env: %s", cfg->file,
+             lua_tostring(L, -1));
+    lua_settop(L, base);
+    return -1;
+  }
+  lua_setfenv(L, -2);
+  if (sl_lua_pcall(L, 0, 1, err, errlen) != 0) {
+    lua_settop(L, base);
+    return -1;
+  }
+  /* validate(cfg) -> normalized | nil, {path, msg} */
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "sluice.config");
+  if (sl_lua_pcall(L, 1, 1, err, errlen) != 0) {
+    lua_settop(L, base);
+    return -1;
+  }
+  lua_getfield(L, -1, "validate");
+  lua_pushvalue(L, base + 1);
+  if (sl_lua_pcall(L, 1, 2, err, errlen) != 0) {
+    lua_settop(L, base);
+    return -1;
+  }
+  if (lua_isnil(L, -2)) {
+    lua_getfield(L, -1, "path");
+    const char *path = lua_tostring(L, -1);
+    lua_getfield(L, -2, "msg");
+    const char *msg = lua_tostring(L, -1);
+    int line = 0;
+    /* locate.line(source, path) */
+    lua_getglobal(L, "require");
+    lua_pushliteral(L, "sluice.locate");
+    if (lua_pcall(L, 1, 1, 0) == 0) {
+      lua_getfield(L, -1, "line");
+      lua_pushlstring(L, cfg->source, cfg->source_len);
+      lua_pushstring(L, path ? path : "");
+      if (lua_pcall(L, 2, 1, 0) == 0 && lua_isnumber(L, -1)) line = (int)lua_tointeger(L, -1);
+    }
+    if (line > 0)
+      snprintf(err, errlen, "%s:%d: %s: %s", cfg->file, line, path && *path ? path : "(top)",
+               msg ? msg : "invalid");
+    else
+      snprintf(err, errlen, "%s: %s: %s", cfg->file, path && *path ? path : "(top)",
+               msg ? msg : "invalid");
+    lua_settop(L, base);
+    return -1;
+  }
+  lua_pop(L, 1);
+  lua_replace(L, base + 1);
+  lua_settop(L, base + 1);
+  return 0;
+}
+
+/* Field readers for the normalized table (types already validated). */
+static char *get_str(lua_State *L, int idx, const char *key) {
+  lua_getfield(L, idx, key);
+  char *s = lua_type(L, -1) == LUA_TSTRING ? sl_strdup(lua_tostring(L, -1)) : NULL;
+  lua_pop(L, 1);
+  return s;
+}
+
+static int64_t get_int(lua_State *L, int idx, const char *key) {
+  lua_getfield(L, idx, key);
+  int64_t v = (int64_t)lua_tonumber(L, -1);
+  lua_pop(L, 1);
+  return v;
+}
+
+static bool get_bool(lua_State *L, int idx, const char *key) {
+  lua_getfield(L, idx, key);
+  bool v = lua_toboolean(L, -1);
+  lua_pop(L, 1);
+  return v;
+}
+
+/* Pushes t[key] (a subtable) and returns its absolute index. */
+static int push_sub(lua_State *L, int idx, const char *key) {
+  lua_getfield(L, idx, key);
+  return lua_gettop(L);
+}
+
+static void read_listen(lua_State *L, int idx, sl_listen_conf_t *l) {
+  l->addr = get_str(L, idx, "addr");
+  l->host = get_str(L, idx, "host");
+  l->port = (uint16_t)get_int(L, idx, "port");
+  lua_getfield(L, idx, "tls");
+  if (lua_istable(L, -1)) {
+    int t = lua_gettop(L);
+    l->tls_cert = get_str(L, t, "cert");
+    l->tls_key = get_str(L, t, "key");
+  }
+  lua_pop(L, 1);
+}
+
+static void read_pool(lua_State *L, int idx, const char *name, sl_pool_conf_t *p) {
+  p->name = sl_strdup(name);
+  p->balancer = get_str(L, idx, "balancer");
+  p->max_inflight = (uint32_t)get_int(L, idx, "max_inflight");
+  p->fallback = get_str(L, idx, "fallback");
+  p->preserve_host = get_bool(L, idx, "preserve_host");
+
+  int t = push_sub(L, idx, "queue");
+  p->queue_max = (uint32_t)get_int(L, t, "max");
+  p->queue_timeout_ms = (uint32_t)get_int(L, t, "timeout_ms");
+  lua_pop(L, 1);
+  t = push_sub(L, idx, "timeout_ms");
+  p->connect_timeout_ms = (uint32_t)get_int(L, t, "connect");
+  p->first_byte_timeout_ms = (uint32_t)get_int(L, t, "first_byte");
+  p->total_timeout_ms = (uint32_t)get_int(L, t, "total");
+  lua_pop(L, 1);
+  t = push_sub(L, idx, "keepalive");
+  p->keepalive_max_idle = (uint32_t)get_int(L, t, "max_idle");
+  p->keepalive_idle_timeout_ms = (uint32_t)get_int(L, t, "idle_timeout_ms");
+  lua_pop(L, 1);
+
+  t = push_sub(L, idx, "endpoints");
+  p->nendpoints = (uint32_t)lua_objlen(L, t);
+  p->endpoints = sl_calloc(p->nendpoints, sizeof(sl_endpoint_conf_t));
+  for (uint32_t i = 0; i < p->nendpoints; i++) {
+    lua_rawgeti(L, t, (int)i + 1);
+    int e = lua_gettop(L);
+    sl_endpoint_conf_t *ec = &p->endpoints[i];
+    ec->url = get_str(L, e, "url");
+    ec->host = get_str(L, e, "host");
+    ec->path = get_str(L, e, "path");
+    ec->port = (uint16_t)get_int(L, e, "port");
+    ec->weight = (uint32_t)get_int(L, e, "weight");
+    ec->tls = get_bool(L, e, "tls");
+    ec->websocket = get_bool(L, e, "websocket");
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+}
+
+static int cmp_pool(const void *a, const void *b) {
+  return strcmp(((const sl_pool_conf_t *)a)->name, ((const sl_pool_conf_t *)b)->name);
+}
+
+static void extract(lua_State *L, int idx, sl_config_t *c) {
+  int t = push_sub(L, idx, "listen");
+  c->nlisten = (uint32_t)lua_objlen(L, t);
+  c->listen = sl_calloc(c->nlisten, sizeof(sl_listen_conf_t));
+  for (uint32_t i = 0; i < c->nlisten; i++) {
+    lua_rawgeti(L, t, (int)i + 1);
+    read_listen(L, lua_gettop(L), &c->listen[i]);
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+
+  lua_getfield(L, idx, "admin");
+  if (lua_istable(L, -1)) read_listen(L, lua_gettop(L), &c->admin);
+  lua_pop(L, 1);
+
+  c->workers = (uint32_t)get_int(L, idx, "workers");
+  char *pol = get_str(L, idx, "policies");
+  if (pol[0] == '/') {
+    c->policies_dir = pol;
+  } else {
+    size_t n = strlen(c->dir) + strlen(pol) + 2;
+    c->policies_dir = sl_malloc(n);
+    snprintf(c->policies_dir, n, "%s/%s", c->dir, pol);
+    free(pol);
+  }
+  char *lvl = get_str(L, idx, "log_level");
+  c->log_level = sl_log_level_parse(lvl);
+  free(lvl);
+  c->access_log = get_bool(L, idx, "access_log");
+
+  t = push_sub(L, idx, "limits");
+  c->limits.max_header_bytes = (uint32_t)get_int(L, t, "max_header_bytes");
+  c->limits.max_headers = (uint32_t)get_int(L, t, "max_headers");
+  c->limits.max_body_bytes = (uint64_t)get_int(L, t, "max_body_bytes");
+  c->header_timeout_ms = (uint32_t)get_int(L, t, "header_timeout_ms");
+  c->idle_timeout_ms = (uint32_t)get_int(L, t, "idle_timeout_ms");
+  c->drain_timeout_ms = (uint32_t)get_int(L, t, "drain_timeout_ms");
+  lua_pop(L, 1);
+  t = push_sub(L, idx, "cache");
+  c->cache_max_bytes = (uint64_t)get_int(L, t, "max_bytes");
+  lua_pop(L, 1);
+
+  t = push_sub(L, idx, "pools");
+  lua_pushnil(L);
+  while (lua_next(L, t)) c->npools++, lua_pop(L, 1);
+  c->pools = sl_calloc(c->npools, sizeof(sl_pool_conf_t));
+  uint32_t i = 0;
+  lua_pushnil(L);
+  while (lua_next(L, t)) {
+    read_pool(L, lua_gettop(L), lua_tostring(L, -2), &c->pools[i++]);
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  /* Pools in name order: deterministic iteration for logs, status and tests. */
+  qsort(c->pools, c->npools, sizeof(sl_pool_conf_t), cmp_pool);
+
+  t = push_sub(L, idx, "routes");
+  c->nroutes = (uint32_t)lua_objlen(L, t);
+  c->routes = sl_calloc(c->nroutes, sizeof(sl_route_conf_t));
+  for (i = 0; i < c->nroutes; i++) {
+    lua_rawgeti(L, t, (int)i + 1);
+    int r = lua_gettop(L);
+    c->routes[i].path = get_str(L, r, "path");
+    c->routes[i].host = get_str(L, r, "host");
+    c->routes[i].pool = get_str(L, r, "pool");
+    c->routes[i].pool_idx = (uint32_t)sl_config_pool_index(c, c->routes[i].pool);
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+}
+
+sl_config_t *sl_config_load(const char *file, char *err, size_t errlen) {
+  sl_config_t *c = sl_calloc(1, sizeof(*c));
+  c->file = sl_strdup(file);
+  const char *slash = strrchr(file, '/');
+  c->dir = slash ? sl_strndup(file, (size_t)(slash - file)) : sl_strdup(".");
+  if (slash == file) {
+    free(c->dir);
+    c->dir = sl_strdup("/");
+  }
+  c->source = read_file(file, &c->source_len, err, errlen);
+  if (!c->source) {
+    sl_config_free(c);
+    return NULL;
+  }
+  lua_State *L = sl_lua_newstate();
+  if (sl_config_eval(L, c, err, errlen) != 0) {
+    lua_close(L);
+    sl_config_free(c);
+    return NULL;
+  }
+  extract(L, lua_gettop(L), c);
+  lua_close(L);
+  return c;
+}
+
+int sl_config_pool_index(const sl_config_t *cfg, const char *name) {
+  for (uint32_t i = 0; i < cfg->npools; i++)
+    if (strcmp(cfg->pools[i].name, name) == 0) return (int)i;
+  return -1;
+}
+
+static void free_listen(sl_listen_conf_t *l) {
+  free(l->addr);
+  free(l->host);
+  free(l->tls_cert);
+  free(l->tls_key);
+}
+
+void sl_config_free(sl_config_t *c) {
+  if (!c) return;
+  for (uint32_t i = 0; i < c->nlisten; i++) free_listen(&c->listen[i]);
+  free(c->listen);
+  free_listen(&c->admin);
+  for (uint32_t i = 0; i < c->npools; i++) {
+    sl_pool_conf_t *p = &c->pools[i];
+    for (uint32_t j = 0; j < p->nendpoints; j++) {
+      free(p->endpoints[j].url);
+      free(p->endpoints[j].host);
+      free(p->endpoints[j].path);
+    }
+    free(p->endpoints);
+    free(p->name);
+    free(p->balancer);
+    free(p->fallback);
+  }
+  free(c->pools);
+  for (uint32_t i = 0; i < c->nroutes; i++) {
+    free(c->routes[i].path);
+    free(c->routes[i].host);
+    free(c->routes[i].pool);
+  }
+  free(c->routes);
+  free(c->policies_dir);
+  free(c->source);
+  free(c->file);
+  free(c->dir);
+  free(c);
+}

@@ -1,0 +1,76 @@
+/* Configuration as the C runtime sees it, extracted from the normalized table that
+ * lua/sluice/config.lua returns. Strings are owned by the config; sl_config_free releases
+ * everything. The config is immutable once loaded and shared by the workers. */
+#ifndef SL_CONFIG_H
+#define SL_CONFIG_H
+
+#include "common.h"
+#include "http1.h"
+
+#include <lua.h>
+
+typedef struct sl_endpoint_conf {
+  char *url, *host, *path;
+  uint16_t port;
+  uint32_t weight;
+  bool tls, websocket;
+} sl_endpoint_conf_t;
+
+typedef struct sl_pool_conf {
+  char *name;
+  char *balancer;
+  sl_endpoint_conf_t *endpoints;
+  uint32_t nendpoints;
+  uint32_t max_inflight;
+  uint32_t queue_max, queue_timeout_ms;
+  uint32_t connect_timeout_ms, first_byte_timeout_ms, total_timeout_ms;
+  uint32_t keepalive_max_idle, keepalive_idle_timeout_ms;
+  char *fallback;
+  bool preserve_host;
+} sl_pool_conf_t;
+
+typedef struct sl_route_conf {
+  char *path;
+  char *host; /* NULL = any host; "*.example.com" matches subdomains */
+  char *pool;
+  uint32_t pool_idx;
+} sl_route_conf_t;
+
+typedef struct sl_listen_conf {
+  char *addr, *host;
+  uint16_t port;
+  char *tls_cert, *tls_key;
+} sl_listen_conf_t;
+
+typedef struct sl_config {
+  char *file;         /* path as given */
+  char *dir;          /* directory of the file; relative paths are resolved against it */
+  char *source;       /* file contents, so every worker builds from the same bytes */
+  size_t source_len;
+  sl_listen_conf_t *listen;
+  uint32_t nlisten;
+  sl_listen_conf_t admin; /* admin.addr == NULL when disabled */
+  uint32_t workers;
+  char *policies_dir; /* absolute or relative to cwd */
+  int log_level;
+  bool access_log;
+  sl_h1_limits_t limits;
+  uint32_t header_timeout_ms, idle_timeout_ms, drain_timeout_ms;
+  uint64_t cache_max_bytes;
+  sl_pool_conf_t *pools;
+  uint32_t npools;
+  sl_route_conf_t *routes;
+  uint32_t nroutes;
+} sl_config_t;
+
+/* Reads and validates `file`. On failure returns NULL and writes "file:line: key.path: what
+ * was expected" (or the Lua error) into err. */
+sl_config_t *sl_config_load(const char *file, char *err, size_t errlen);
+/* Runs the config source in L (sandboxed) and leaves the normalized table on the stack.
+ * Returns 0, or -1 with the message in err. Used by sl_config_load and by workers that need
+ * the Lua values (balancer options) in their own VM. */
+int sl_config_eval(lua_State *L, const sl_config_t *cfg, char *err, size_t errlen);
+int sl_config_pool_index(const sl_config_t *cfg, const char *name);
+void sl_config_free(sl_config_t *cfg);
+
+#endif

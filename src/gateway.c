@@ -1,0 +1,212 @@
+/* The public sluice_t: a config, and the worker that serves it on the host's loop. */
+#include "sluice.h"
+
+#include "config.h"
+#include "io.h"
+#include "log.h"
+#include "policy.h"
+#include "server.h"
+#include "worker.h"
+
+#include <lauxlib.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/random.h>
+#include <time.h>
+
+struct sluice {
+  uv_loop_t *loop;
+  sl_config_t *cfg;
+  sl_worker_t *worker;
+  bool started, stopping, stopped;
+  bool log_level_forced;
+  void (*stop_done)(sluice_t *, void *);
+  void *stop_arg;
+  char error[2048];
+};
+
+static int forced_log_level = -1;
+
+void sluice_set_log_level(int level) {
+  forced_log_level = level;
+  sl_log_level = level;
+}
+
+const char *sluice_version(void) { return SLUICE_VERSION; }
+
+const char *sluice_strerror(int err) {
+  switch (err) {
+  case 0: return "success";
+  case SLUICE_ECONFIG: return "invalid configuration";
+  case SLUICE_EPOLICY: return "policy failed to load";
+  case SLUICE_ELISTEN: return "cannot listen";
+  case SLUICE_ESTATE: return "invalid state for this call";
+  default: return err < 0 ? uv_strerror(err) : "unknown error";
+  }
+}
+
+const char *sluice_last_error(const sluice_t *s) { return s->error; }
+
+uint16_t sluice_port(const sluice_t *s) { return s->worker ? s->worker->bound_port : 0; }
+
+static sl_worker_t *worker_new(uv_loop_t *loop, char *err, size_t errlen) {
+  sl_worker_t *w = sl_calloc(1, sizeof(*w));
+  w->loop = loop;
+  sl_list_init(&w->endpoints);
+  sl_list_init(&w->conns);
+  if (getrandom(w->rng, sizeof(w->rng), 0) != (ssize_t)sizeof(w->rng)) {
+    w->rng[0] = (uint64_t)time(NULL) ^ (uint64_t)(uintptr_t)w;
+    w->rng[1] = (uint64_t)clock() * 0x9E3779B97F4A7C15ull;
+  }
+  if (!w->rng[0] && !w->rng[1]) w->rng[1] = 1;
+  w->L = sl_lua_newstate();
+  if (sl_policy_init(w, err, errlen) != 0) {
+    lua_close(w->L);
+    free(w);
+    return NULL;
+  }
+  uv_timer_init(loop, &w->drain_timer);
+  w->drain_timer.data = w;
+  return w;
+}
+
+/* Frees the worker's Lua state and endpoints. Handles (listeners, connections, timers) must
+ * already be closing. */
+static void worker_free(sl_worker_t *w) {
+  if (w->gen) sl_gen_unref(w->gen);
+  w->gen = NULL;
+  /* Endpoints still referenced by nobody close their idle connections here; they are freed
+   * once their last upstream connection has closed. */
+  lua_close(w->L);
+  free(w);
+}
+
+int sluice_new(uv_loop_t *loop, sluice_t **out) {
+  sluice_t *s = sl_calloc(1, sizeof(*s));
+  s->loop = loop;
+  *out = s;
+  return 0;
+}
+
+int sluice_load_file(sluice_t *s, const char *path) {
+  if (s->started) {
+    snprintf(s->error, sizeof(s->error), "sluice_load_file: already started (reload instead)");
+    return SLUICE_ESTATE;
+  }
+  sl_config_t *cfg = sl_config_load(path, s->error, sizeof(s->error));
+  if (!cfg) return SLUICE_ECONFIG;
+  if (forced_log_level < 0) sl_log_level = cfg->log_level;
+  if (!s->worker) {
+    s->worker = worker_new(s->loop, s->error, sizeof(s->error));
+    if (!s->worker) {
+      sl_config_free(cfg);
+      return SLUICE_EPOLICY;
+    }
+    s->worker->gw = (struct sl_gateway *)s;
+  }
+  sl_gen_t *g = sl_gen_build(s->worker, cfg, s->error, sizeof(s->error));
+  if (!g) {
+    sl_config_free(cfg);
+    return SLUICE_EPOLICY;
+  }
+  if (s->worker->gen) sl_gen_unref(s->worker->gen);
+  if (s->cfg) sl_config_free(s->cfg);
+  s->cfg = cfg;
+  s->worker->gen = g;
+  sl_gen_activate(g);
+  return 0;
+}
+
+int sluice_start(sluice_t *s) {
+  if (!s->cfg || s->started) {
+    snprintf(s->error, sizeof(s->error), "sluice_start: %s",
+             s->started ? "already started" : "no config loaded");
+    return SLUICE_ESTATE;
+  }
+  int rc = sl_server_listen(s->worker, s->cfg, s->error, sizeof(s->error));
+  if (rc != 0) return SLUICE_ELISTEN;
+  s->started = true;
+  return 0;
+}
+
+static void on_drain_timer_closed(uv_handle_t *h) {
+  sl_worker_t *w = h->data;
+  sluice_t *s = (sluice_t *)w->gw;
+  s->stopped = true;
+  if (s->stop_done) s->stop_done(s, s->stop_arg);
+}
+
+static void finish_stop(sl_worker_t *w) {
+  for (sl_list_t *l = w->endpoints.next; l != &w->endpoints; l = l->next)
+    sl_endpoint_close_idle(SL_CONTAINER_OF(l, sl_endpoint_t, link));
+  sl_close_handle((uv_handle_t *)&w->drain_timer, on_drain_timer_closed);
+}
+
+static void on_drain_timeout(uv_timer_t *t) {
+  sl_worker_t *w = t->data;
+  if (w->nconns) SL_WARN("drain timeout: closing %u connection(s) still busy", w->nconns);
+  sl_server_close_all(w);
+  finish_stop(w);
+}
+
+void sl_worker_conn_gone(sl_worker_t *w) {
+  if (w->draining && w->nconns == 0 && !uv_is_closing((uv_handle_t *)&w->drain_timer)) {
+    uv_timer_stop(&w->drain_timer);
+    finish_stop(w);
+  }
+}
+
+int sluice_stop(sluice_t *s, void (*done)(sluice_t *, void *), void *arg) {
+  if (!s->worker || s->stopping) return SLUICE_ESTATE;
+  s->stopping = true;
+  s->stop_done = done;
+  s->stop_arg = arg;
+  sl_worker_t *w = s->worker;
+  w->draining = true;
+  sl_server_drain(w);
+  if (w->nconns == 0) {
+    finish_stop(w);
+  } else {
+    SL_INFO("draining %u connection(s), up to %u ms", w->nconns, s->cfg->drain_timeout_ms);
+    uv_timer_start(&w->drain_timer, on_drain_timeout, s->cfg->drain_timeout_ms, 0);
+  }
+  return 0;
+}
+
+void sluice_free(sluice_t *s) {
+  if (!s) return;
+  if (s->started && !s->stopped) {
+    /* Its handles are still open on the host loop: freeing now would leave libuv pointing
+     * at freed memory. */
+    SL_ERROR("sluice_free called before sluice_stop completed; instance leaked");
+    return;
+  }
+  if (s->worker) {
+    if (!s->started) sl_close_handle((uv_handle_t *)&s->worker->drain_timer, NULL);
+    worker_free(s->worker);
+  }
+  sl_config_free(s->cfg);
+  free(s);
+}
+
+int sluice_check_file(const char *path, char *err, size_t errlen) {
+  sl_config_t *cfg = sl_config_load(path, err, errlen);
+  if (!cfg) return SLUICE_ECONFIG;
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  int rc = 0;
+  sl_worker_t *w = worker_new(&loop, err, errlen);
+  if (!w) {
+    rc = SLUICE_EPOLICY;
+  } else {
+    sl_gen_t *g = sl_gen_build(w, cfg, err, errlen);
+    if (!g) rc = SLUICE_EPOLICY;
+    else w->gen = g;
+    sl_close_handle((uv_handle_t *)&w->drain_timer, NULL);
+    worker_free(w);
+  }
+  uv_run(&loop, UV_RUN_DEFAULT);
+  uv_loop_close(&loop);
+  sl_config_free(cfg);
+  return rc;
+}

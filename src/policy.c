@@ -1,0 +1,277 @@
+#include "policy.h"
+
+#include "http1.h"
+#include "log.h"
+
+#include <lauxlib.h>
+#include <lualib.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#ifndef SLUICE_LUA_DIR
+#define SLUICE_LUA_DIR "lua"
+#endif
+
+const char *sl_lua_dir(void) {
+  const char *d = getenv("SLUICE_LUA_DIR");
+  return d && *d ? d : SLUICE_LUA_DIR;
+}
+
+lua_State *sl_lua_newstate(void) {
+  lua_State *L = luaL_newstate();
+  if (!L) {
+    fprintf(stderr, "sluice: cannot create a Lua state\n");
+    abort();
+  }
+  luaL_openlibs(L);
+  lua_getglobal(L, "package");
+  lua_pushfstring(L, "%s/?.lua", sl_lua_dir());
+  lua_setfield(L, -2, "path");
+  lua_pushliteral(L, "");
+  lua_setfield(L, -2, "cpath");
+  lua_pop(L, 1);
+  return L;
+}
+
+static int traceback(lua_State *L) {
+  const char *msg = lua_tostring(L, 1);
+  if (!msg) msg = lua_type(L, 1) == LUA_TNIL ? "nil error" : luaL_typename(L, 1);
+  luaL_traceback(L, L, msg, 1);
+  return 1;
+}
+
+/* Keeps the message and the first traceback frame that points into a file, which is the
+ * policy line users need; the full traceback goes to the debug log. */
+static void format_error(const char *tb, char *err, size_t errlen) {
+  const char *nl = strchr(tb, '\n');
+  size_t msglen = nl ? (size_t)(nl - tb) : strlen(tb);
+  snprintf(err, errlen, "%.*s", (int)msglen, tb);
+  SL_DEBUG("lua error: %s", tb);
+}
+
+int sl_lua_pcall(lua_State *L, int nargs, int nresults, char *err, size_t errlen) {
+  int fn = lua_gettop(L) - nargs;
+  lua_pushcfunction(L, traceback);
+  lua_insert(L, fn);
+  int rc = lua_pcall(L, nargs, nresults, fn);
+  lua_remove(L, fn);
+  if (rc != 0) {
+    format_error(lua_tostring(L, -1) ? lua_tostring(L, -1) : "(error object is not a string)",
+                 err, errlen);
+    lua_pop(L, 1);
+    return -1;
+  }
+  return 0;
+}
+
+/* sluice module ----------------------------------------------------------------------------- */
+
+static sl_worker_t *upworker(lua_State *L) {
+  return (sl_worker_t *)lua_touserdata(L, lua_upvalueindex(1));
+}
+
+static int l_now_ms(lua_State *L) {
+  lua_pushnumber(L, (lua_Number)uv_now(upworker(L)->loop));
+  return 1;
+}
+
+static int l_random(lua_State *L) {
+  uint64_t r = sl_worker_rand(upworker(L));
+  lua_pushnumber(L, (lua_Number)(r >> 11) * (1.0 / 9007199254740992.0));
+  return 1;
+}
+
+/* FNV-1a, 32 bits: stable across runs and workers so hash-based affinity is consistent. */
+static int l_hash(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  uint32_t h = 2166136261u;
+  for (size_t i = 0; i < len; i++) h = (h ^ (uint8_t)s[i]) * 16777619u;
+  lua_pushnumber(L, (lua_Number)h);
+  return 1;
+}
+
+static int l_log(lua_State *L) {
+  const char *lvl = luaL_checkstring(L, 1);
+  int level = sl_log_level_parse(lvl);
+  if (level < 0) return luaL_argerror(L, 1, "expected error, warn, info or debug");
+  if (!sl_log_enabled(level)) return 0;
+  luaL_Buffer b;
+  luaL_buffinit(L, &b);
+  int n = lua_gettop(L);
+  for (int i = 2; i <= n; i++) {
+    if (i > 2) luaL_addchar(&b, ' ');
+    lua_getglobal(L, "tostring");
+    lua_pushvalue(L, i);
+    lua_call(L, 1, 1);
+    luaL_addvalue(&b);
+  }
+  luaL_pushresult(&b);
+  lua_Debug ar;
+  const char *where = "?";
+  int line = 0;
+  if (lua_getstack(L, 1, &ar) && lua_getinfo(L, "Sl", &ar)) {
+    where = ar.short_src;
+    line = ar.currentline;
+  }
+  sl_log(level, "policy %s:%d: %s", where, line, lua_tostring(L, -1));
+  return 0;
+}
+
+/* req object accessors: read the request currently being decided on. */
+static int l_req_field(lua_State *L) {
+  sl_worker_t *w = upworker(L);
+  const sl_http_req_t *r = w->hook_req;
+  const char *k = luaL_checkstring(L, 1);
+  if (!r) return 0;
+  if (strcmp(k, "method") == 0) {
+    lua_pushstring(L, sl_http_method_str(r->method));
+  } else if (strcmp(k, "path") == 0) {
+    lua_pushlstring(L, sl_http_req_url(r), r->path_len);
+  } else if (strcmp(k, "query") == 0) {
+    if (r->url_len == r->path_len) return 0;
+    lua_pushlstring(L, sl_http_req_url(r) + r->path_len + 1, r->url_len - r->path_len - 1);
+  } else if (strcmp(k, "url") == 0) {
+    lua_pushlstring(L, sl_http_req_url(r), r->url_len);
+  } else if (strcmp(k, "host") == 0) {
+    if (r->host_idx < 0) return 0;
+    const sl_header_t *h = &r->headers[r->host_idx];
+    lua_pushlstring(L, sl_http_req_str(r, h->value_off), h->value_len);
+  } else if (strcmp(k, "attempt") == 0) {
+    lua_pushinteger(L, (lua_Integer)w->hook_attempt);
+  } else if (strcmp(k, "id") == 0) {
+    lua_pushstring(L, w->hook_request_id);
+  } else if (strcmp(k, "body_length") == 0) {
+    lua_pushnumber(L, (lua_Number)r->body.len);
+  } else {
+    return 0;
+  }
+  return 1;
+}
+
+static int l_req_header(lua_State *L) {
+  sl_worker_t *w = upworker(L);
+  const sl_http_req_t *r = w->hook_req;
+  const char *name = luaL_checkstring(L, 1);
+  if (!r) return 0;
+  int i = sl_http_req_find(r, name);
+  if (i < 0) return 0;
+  lua_pushlstring(L, sl_http_req_str(r, r->headers[i].value_off), r->headers[i].value_len);
+  return 1;
+}
+
+static const luaL_Reg sluice_fns[] = {
+    {"now_ms", l_now_ms}, {"random", l_random}, {"hash", l_hash}, {"log", l_log}, {NULL, NULL}};
+
+/* Calls require(name).fn(args...) leaving nresults on the stack. */
+static int call_module(lua_State *L, const char *mod, const char *fn, int nargs, int nresults,
+                       char *err, size_t errlen) {
+  lua_getglobal(L, "require");
+  lua_pushstring(L, mod);
+  if (sl_lua_pcall(L, 1, 1, err, errlen) != 0) {
+    lua_pop(L, nargs);
+    return -1;
+  }
+  lua_getfield(L, -1, fn);
+  lua_remove(L, -2);
+  lua_insert(L, -1 - nargs);
+  return sl_lua_pcall(L, nargs, nresults, err, errlen);
+}
+
+int sl_policy_init(sl_worker_t *w, char *err, size_t errlen) {
+  lua_State *L = w->L;
+  /* sluice module, kept in the registry under "sluice.module". */
+  lua_newtable(L);
+  for (const luaL_Reg *f = sluice_fns; f->name; f++) {
+    lua_pushlightuserdata(L, w);
+    lua_pushcclosure(L, f->func, 1);
+    lua_setfield(L, -2, f->name);
+  }
+  lua_newtable(L);
+  lua_setfield(L, -2, "shared"); /* per-worker table policies may share state through */
+  lua_pushstring(L, SLUICE_VERSION);
+  lua_setfield(L, -2, "version");
+  lua_setfield(L, LUA_REGISTRYINDEX, "sluice.module");
+
+  /* The FFI struct layout must match the C one exactly. */
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "sluice.ffi");
+  if (sl_lua_pcall(L, 1, 1, err, errlen) != 0) return -1;
+  lua_getfield(L, -1, "sizeof_endpoint");
+  size_t lua_size = (size_t)lua_tonumber(L, -1);
+  lua_pop(L, 2);
+  if (lua_size != sizeof(sl_ep_view_t)) {
+    snprintf(err, errlen, "lua/sluice/ffi.lua: sl_ep_view_t is %zu bytes, C says %zu", lua_size,
+             sizeof(sl_ep_view_t));
+    return -1;
+  }
+
+  /* The reusable req object. */
+  lua_pushlightuserdata(L, w);
+  lua_pushcclosure(L, l_req_field, 1);
+  lua_pushlightuserdata(L, w);
+  lua_pushcclosure(L, l_req_header, 1);
+  if (call_module(L, "sluice.runtime", "make_req", 2, 1, err, errlen) != 0) return -1;
+  w->lua_req = luaL_ref(L, LUA_REGISTRYINDEX);
+  return 0;
+}
+
+int sl_policy_load(sl_worker_t *w, sl_gen_t *g, const char *kind, const char *name, char *err,
+                   size_t errlen) {
+  lua_State *L = w->L;
+  lua_pushstring(L, g->cfg->policies_dir);
+  lua_pushstring(L, kind);
+  lua_pushstring(L, name);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, g->lua_ctx);
+  return call_module(L, "sluice.sandbox", "load_policy", 4, 1, err, errlen);
+}
+
+int sl_policy_pick(sl_worker_t *w, sl_pool_t *pool, const sl_http_req_t *req,
+                   const char *request_id, uint32_t attempt, sl_endpoint_t **out, char *err,
+                   size_t errlen) {
+  lua_State *L = w->L;
+  *out = NULL;
+  w->hook_req = req;
+  w->hook_request_id = request_id;
+  w->hook_attempt = attempt;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, pool->lua_pick);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, pool->lua_pool);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->lua_req);
+  int rc = sl_lua_pcall(L, 2, 1, err, errlen);
+  w->hook_req = NULL;
+  if (rc != 0) return -1;
+
+  int t = lua_type(L, -1);
+  int rcode = 0;
+  if (t == LUA_TNUMBER) {
+    lua_Number idx = lua_tonumber(L, -1);
+    if (idx >= 1 && idx <= pool->n && idx == (lua_Number)(uint32_t)idx) {
+      *out = pool->eps[(uint32_t)idx - 1];
+    } else {
+      snprintf(err, errlen, "balancer %s: pick returned %g, not an endpoint index 1..%u",
+               pool->conf->balancer, (double)idx, pool->n);
+      rcode = -1;
+    }
+  } else if (t == 10 /* LUA_TCDATA: a pointer from pool.endpoints */) {
+    const void *p = *(const void *const *)lua_topointer(L, -1);
+    for (uint32_t i = 0; i < pool->n; i++)
+      if (p == (const void *)pool->eps[i]) *out = pool->eps[i];
+    if (!*out) {
+      snprintf(err, errlen, "balancer %s: pick returned an endpoint not in pool %s",
+               pool->conf->balancer, pool->conf->name);
+      rcode = -1;
+    }
+  } else if (t != LUA_TNIL) {
+    snprintf(err, errlen, "balancer %s: pick returned a %s, expected an index or nil",
+             pool->conf->balancer, lua_typename(L, t));
+    rcode = -1;
+  }
+  lua_pop(L, 1);
+  if (*out && !(*out)->view.available) {
+    snprintf(err, errlen, "balancer %s: pick returned an unavailable endpoint (%s)",
+             pool->conf->balancer, (*out)->url);
+    *out = NULL;
+    rcode = -1;
+  }
+  return rcode;
+}

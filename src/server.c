@@ -1,0 +1,373 @@
+#include "server.h"
+
+#include "io.h"
+#include "log.h"
+
+#include <arpa/inet.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+/* Pipelined input buffered while a request is being answered; reading pauses beyond this. */
+#define SL_MAX_BUFFERED_INPUT (256 * 1024)
+/* Client-side write backlog at which upstream reads pause, and where they resume. */
+#define SL_CLIENT_HWM (256 * 1024)
+#define SL_CLIENT_LWM (64 * 1024)
+/* How long a closing connection keeps draining input so the client reads our last response. */
+#define SL_LINGER_MS 2000
+
+static void conn_process(sl_conn_t *c);
+static void conn_finish(sl_conn_t *c);
+
+static const sl_config_t *cur_cfg(const sl_conn_t *c) { return c->w->gen->cfg; }
+
+static void on_conn_handle_closed(uv_handle_t *h) {
+  sl_conn_t *c = h->data;
+  if (--c->pending_close > 0) return;
+  sl_http_req_free(&c->req);
+  sl_buf_free(&c->in);
+  sl_proxy_free(&c->x);
+  sl_worker_t *w = c->w;
+  free(c);
+  sl_worker_conn_gone(w);
+}
+
+void sl_conn_close(sl_conn_t *c) {
+  if (c->closing) return;
+  c->closing = true;
+  if (c->x.active) sl_proxy_abort(&c->x);
+  sl_list_remove(&c->link);
+  c->w->nconns--;
+  c->pending_close = 3;
+  uv_close((uv_handle_t *)&c->tcp, on_conn_handle_closed);
+  uv_close((uv_handle_t *)&c->timer, on_conn_handle_closed);
+  uv_close((uv_handle_t *)&c->x.timer, on_conn_handle_closed);
+}
+
+size_t sl_conn_queued_bytes(const sl_conn_t *c) {
+  return uv_stream_get_write_queue_size((const uv_stream_t *)&c->tcp);
+}
+
+static void on_write_done(uv_stream_t *s, int status) {
+  sl_conn_t *c = s->data;
+  if (c->closing) return;
+  if (status < 0) {
+    sl_conn_close(c);
+    return;
+  }
+  size_t queued = sl_conn_queued_bytes(c);
+  if (queued == 0 && c->close_after) {
+    conn_finish(c);
+    return;
+  }
+  if (c->x.active && c->x.up_paused && queued <= SL_CLIENT_LWM) sl_proxy_client_drained(&c->x);
+}
+
+int sl_conn_write(sl_conn_t *c, const char *data, size_t len) {
+  if (c->closing) return UV_ECANCELED;
+  int rc = sl_stream_write((uv_stream_t *)&c->tcp, data, len, on_write_done);
+  if (rc < 0) {
+    sl_conn_close(c);
+    return rc;
+  }
+  return 0;
+}
+
+/* Timers ----------------------------------------------------------------------------------- */
+
+static void on_timer(uv_timer_t *t) {
+  sl_conn_t *c = t->data;
+  switch (c->state) {
+  case SL_CONN_READING:
+    sl_conn_send_error(c, 408, "request_timeout", "request not received in time", NULL, false);
+    break;
+  case SL_CONN_IDLE:
+  case SL_CONN_LINGER:
+    sl_conn_close(c);
+    break;
+  default:
+    break;
+  }
+}
+
+static void arm(sl_conn_t *c, uint64_t ms) { uv_timer_start(&c->timer, on_timer, ms, 0); }
+
+/* Graceful close: the response is flushed; send FIN, drain what the client still sends for a
+ * moment (so it reads the response instead of getting a reset), then close. */
+static void on_shutdown(uv_shutdown_t *req, int status) {
+  sl_conn_t *c = req->data;
+  free(req);
+  if (status < 0 && !c->closing) sl_conn_close(c);
+}
+
+static void conn_finish(sl_conn_t *c) {
+  if (c->closing || c->state == SL_CONN_LINGER) return;
+  c->state = SL_CONN_LINGER;
+  c->close_after = false;
+  uv_shutdown_t *req = sl_malloc(sizeof(*req));
+  req->data = c;
+  if (uv_shutdown(req, (uv_stream_t *)&c->tcp, on_shutdown) != 0) {
+    free(req);
+    sl_conn_close(c);
+    return;
+  }
+  arm(c, SL_LINGER_MS);
+}
+
+/* Reading ---------------------------------------------------------------------------------- */
+
+static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf) {
+  sl_conn_t *c = h->data;
+  *buf = uv_buf_init(c->w->readbuf, sizeof(c->w->readbuf));
+}
+
+static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
+  sl_conn_t *c = s->data;
+  if (n == 0) return;
+  if (n < 0) {
+    /* EOF or error. A client that goes away while its request is served aborts it. */
+    sl_conn_close(c);
+    return;
+  }
+  if (c->state == SL_CONN_LINGER) return;
+  sl_buf_append(&c->in, buf->base, (size_t)n);
+  if (c->state == SL_CONN_BUSY) {
+    if (c->in.len > SL_MAX_BUFFERED_INPUT) {
+      uv_read_stop(s);
+      c->reading = false;
+    }
+    return;
+  }
+  if (c->state == SL_CONN_READING && c->h1.headers_done)
+    arm(c, cur_cfg(c)->idle_timeout_ms); /* body arriving: an inactivity timeout from here */
+  conn_process(c);
+}
+
+static void start_reading(sl_conn_t *c) {
+  if (c->reading || c->closing) return;
+  if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) == 0) c->reading = true;
+}
+
+static void send_continue(sl_conn_t *c) {
+  static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
+  sl_conn_write(c, cont, sizeof(cont) - 1);
+}
+
+/* Parses buffered input and dispatches complete requests, one at a time. A request answered
+ * synchronously (an error, say) lets the loop continue with the next pipelined one. */
+static void conn_process(sl_conn_t *c) {
+  if (c->in_process) return;
+  c->in_process = true;
+  size_t off = 0;
+  while (!c->closing && !c->close_after && off < c->in.len &&
+         (c->state == SL_CONN_IDLE || c->state == SL_CONN_READING)) {
+    if (c->state == SL_CONN_IDLE) {
+      c->state = SL_CONN_READING;
+      arm(c, cur_cfg(c)->header_timeout_ms);
+    }
+    size_t used = 0;
+    sl_h1_event_t ev = sl_h1_execute(&c->h1, c->in.data + off, c->in.len - off, &used);
+    off += used;
+    if (ev == SL_H1_AGAIN) break;
+    if (ev == SL_H1_HEADERS) {
+      send_continue(c);
+      sl_h1_resume(&c->h1);
+      continue;
+    }
+    if (ev == SL_H1_ERROR) {
+      SL_DEBUG("client %s: bad request: %s", c->peer, c->req.err_msg);
+      off = c->in.len;
+      sl_conn_send_error(c, c->req.err_status, c->req.err_status == 400 ? "bad_request"
+                         : c->req.err_status == 413 ? "request_too_large"
+                         : c->req.err_status == 431 ? "headers_too_large"
+                         : "bad_request",
+                         c->req.err_msg, NULL, false);
+      break;
+    }
+    /* SL_H1_MESSAGE */
+    uv_timer_stop(&c->timer);
+    c->state = SL_CONN_BUSY;
+    c->nrequests++;
+    c->w->stats.requests++;
+    sl_proxy_start(c);
+  }
+  if (!c->closing) sl_buf_consume(&c->in, off);
+  c->in_process = false;
+}
+
+void sl_conn_response_done(sl_conn_t *c, bool keep_alive) {
+  if (c->closing) return;
+  sl_http_req_reset(&c->req);
+  sl_h1_next(&c->h1);
+  if (!keep_alive || c->w->draining) {
+    c->state = SL_CONN_BUSY; /* stop parsing further input */
+    c->close_after = true;
+    if (sl_conn_queued_bytes(c) == 0) conn_finish(c);
+    return;
+  }
+  c->state = SL_CONN_IDLE;
+  arm(c, cur_cfg(c)->idle_timeout_ms);
+  start_reading(c);
+  if (!c->in_process && c->in.len) conn_process(c);
+}
+
+/* Responses the gateway writes itself -------------------------------------------------------- */
+
+static bool valid_request_id(const char *s, size_t n) {
+  if (n == 0 || n > 128) return false;
+  for (size_t i = 0; i < n; i++) {
+    char ch = s[i];
+    if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+          ch == '-' || ch == '_' || ch == '.' || ch == ':'))
+      return false;
+  }
+  return true;
+}
+
+const char *sl_conn_request_id(sl_conn_t *c) {
+  char *id = c->x.request_id;
+  if (id[0]) return id;
+  const sl_http_req_t *r = &c->req;
+  if (r->request_id_idx >= 0) {
+    const sl_header_t *h = &r->headers[r->request_id_idx];
+    if (valid_request_id(sl_http_req_str(r, h->value_off), h->value_len)) {
+      memcpy(id, sl_http_req_str(r, h->value_off), h->value_len);
+      id[h->value_len] = 0;
+      return id;
+    }
+  }
+  sl_worker_request_id(c->w, id);
+  return id;
+}
+
+void sl_conn_send_error(sl_conn_t *c, int status, const char *type, const char *msg,
+                        const char *extra, bool keep_alive) {
+  if (c->closing) return;
+  sl_worker_t *w = c->w;
+  w->stats.responses[status / 100 < 6 ? status / 100 : 0]++;
+  const char *rid = sl_conn_request_id(c);
+  sl_buf_t body, out;
+  sl_buf_init(&body);
+  sl_buf_init(&out);
+  sl_buf_appends(&body, "{\"error\":{\"type\":\"");
+  sl_buf_append_json_str(&body, type, strlen(type));
+  sl_buf_appends(&body, "\",\"message\":\"");
+  sl_buf_append_json_str(&body, msg, strlen(msg));
+  sl_buf_appends(&body, "\",\"request_id\":\"");
+  sl_buf_append_json_str(&body, rid, strlen(rid));
+  sl_buf_appends(&body, "\"}}\n");
+  sl_buf_appendf(&out,
+                 "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n"
+                 "x-request-id: %s\r\n%s%s\r\n",
+                 status, sl_http_status_reason(status), body.len, rid, extra ? extra : "",
+                 keep_alive ? "" : "Connection: close\r\n");
+  if (c->req.method != HTTP_HEAD) sl_buf_append(&out, body.data, body.len);
+  sl_conn_write(c, out.data, out.len);
+  sl_buf_free(&body);
+  sl_buf_free(&out);
+  c->x.request_id[0] = 0;
+  sl_conn_response_done(c, keep_alive && c->req.keep_alive);
+}
+
+/* Accepting -------------------------------------------------------------------------------- */
+
+static void on_connection(uv_stream_t *server, int status) {
+  sl_worker_t *w = server->data;
+  if (status < 0) {
+    SL_WARN("accept: %s", uv_strerror(status));
+    return;
+  }
+  sl_conn_t *c = sl_calloc(1, sizeof(*c));
+  c->w = w;
+  uv_tcp_init(w->loop, &c->tcp);
+  uv_timer_init(w->loop, &c->timer);
+  c->tcp.data = c->timer.data = c;
+  sl_list_insert_tail(&w->conns, &c->link);
+  w->nconns++;
+  sl_proxy_init(&c->x, c);
+  if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0) {
+    sl_conn_close(c);
+    return;
+  }
+  w->stats.accepted++;
+  uv_tcp_nodelay(&c->tcp, 1);
+  struct sockaddr_storage ss;
+  int len = sizeof(ss);
+  if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&ss, &len) == 0) {
+    if (ss.ss_family == AF_INET6)
+      uv_ip6_name((struct sockaddr_in6 *)&ss, c->peer, sizeof(c->peer));
+    else
+      uv_ip4_name((struct sockaddr_in *)&ss, c->peer, sizeof(c->peer));
+  }
+  const sl_config_t *cfg = cur_cfg(c);
+  sl_http_req_init(&c->req);
+  c->limits = cfg->limits;
+  sl_h1_parser_init(&c->h1, &c->req, &c->limits);
+  c->state = SL_CONN_IDLE;
+  arm(c, cfg->header_timeout_ms);
+  start_reading(c);
+}
+
+int sl_server_listen(sl_worker_t *w, const sl_config_t *cfg, char *err, size_t errlen) {
+  w->listeners = sl_calloc(cfg->nlisten, sizeof(uv_tcp_t));
+  for (uint32_t i = 0; i < cfg->nlisten; i++) {
+    const sl_listen_conf_t *l = &cfg->listen[i];
+    struct sockaddr_storage ss;
+    int rc = strchr(l->host, ':') ? uv_ip6_addr(l->host, l->port, (struct sockaddr_in6 *)&ss)
+                                  : uv_ip4_addr(l->host, l->port, (struct sockaddr_in *)&ss);
+    if (rc != 0) {
+      snprintf(err, errlen, "%s: listen.%u: invalid address %s", cfg->file, i + 1, l->addr);
+      return rc;
+    }
+    uv_tcp_t *t = &w->listeners[i];
+    uv_tcp_init(w->loop, t);
+    t->data = w;
+    w->nlisteners++;
+    rc = uv_tcp_bind(t, (struct sockaddr *)&ss, 0);
+    if (rc == 0) rc = uv_listen((uv_stream_t *)t, 1024, on_connection);
+    if (rc != 0) {
+      snprintf(err, errlen, "listen on %s: %s", l->addr, uv_strerror(rc));
+      return rc;
+    }
+    struct sockaddr_storage bound;
+    int blen = sizeof(bound);
+    char name[64] = "?";
+    uint16_t port = l->port;
+    if (uv_tcp_getsockname(t, (struct sockaddr *)&bound, &blen) == 0) {
+      if (bound.ss_family == AF_INET6) {
+        uv_ip6_name((struct sockaddr_in6 *)&bound, name, sizeof(name));
+        port = ntohs(((struct sockaddr_in6 *)&bound)->sin6_port);
+      } else {
+        uv_ip4_name((struct sockaddr_in *)&bound, name, sizeof(name));
+        port = ntohs(((struct sockaddr_in *)&bound)->sin_port);
+      }
+    }
+    if (i == 0) w->bound_port = port;
+    SL_INFO("listening on %s:%u", name, port);
+  }
+  return 0;
+}
+
+static void on_listener_closed(uv_handle_t *h) {
+  sl_worker_t *w = h->data;
+  if (--w->nlisteners == 0) {
+    free(w->listeners);
+    w->listeners = NULL;
+  }
+}
+
+void sl_server_drain(sl_worker_t *w) {
+  for (uint32_t i = 0; w->listeners && i < w->nlisteners; i++)
+    sl_close_handle((uv_handle_t *)&w->listeners[i], on_listener_closed);
+  sl_list_t *l = w->conns.next;
+  while (l != &w->conns) {
+    sl_conn_t *c = SL_CONTAINER_OF(l, sl_conn_t, link);
+    l = l->next;
+    if (c->state == SL_CONN_IDLE && c->in.len == 0) sl_conn_close(c);
+  }
+}
+
+void sl_server_close_all(sl_worker_t *w) {
+  while (!sl_list_empty(&w->conns)) sl_conn_close(SL_CONTAINER_OF(w->conns.next, sl_conn_t, link));
+}
+
+uint32_t sl_server_client_hwm(void) { return SL_CLIENT_HWM; }

@@ -1,0 +1,65 @@
+/* Client side: listeners, connections, HTTP/1.1 request parsing with limits and timeouts,
+ * keep-alive and pipelining, error responses, graceful close. */
+#ifndef SL_SERVER_H
+#define SL_SERVER_H
+
+#include "http1.h"
+#include "proxy.h"
+#include "worker.h"
+
+#include <uv.h>
+
+enum sl_conn_state {
+  SL_CONN_IDLE,    /* waiting for a request (keep-alive idle timer) */
+  SL_CONN_READING, /* a request is partly received (header/body timer) */
+  SL_CONN_BUSY,    /* a request is being answered; further input is buffered */
+  SL_CONN_LINGER,  /* response sent, write side shut, draining input before close */
+};
+
+typedef struct sl_conn {
+  uv_tcp_t tcp;
+  uv_timer_t timer;
+  sl_worker_t *w;
+  sl_list_t link; /* in w->conns */
+  sl_h1_parser_t h1;
+  sl_h1_limits_t limits;
+  sl_http_req_t req;
+  sl_buf_t in; /* received, not yet parsed */
+  sl_exchange_t x;
+  char peer[64]; /* client IP, for X-Forwarded-For */
+  uint8_t state;
+  uint8_t pending_close;
+  bool closing;
+  bool reading;
+  bool in_process;    /* re-entrancy guard for conn_process */
+  bool close_after;   /* close once queued writes are flushed */
+  uint32_t nrequests;
+} sl_conn_t;
+
+/* Starts listening on every configured address. Returns 0 or a negative libuv error with
+ * err filled. */
+int sl_server_listen(sl_worker_t *w, const sl_config_t *cfg, char *err, size_t errlen);
+/* Stops accepting, closes idle connections, lets busy ones finish (they close after their
+ * response). */
+void sl_server_drain(sl_worker_t *w);
+/* Closes every connection now. */
+void sl_server_close_all(sl_worker_t *w);
+
+/* Writes bytes to the client. Returns 0 or a negative error (the connection is closing). */
+int sl_conn_write(sl_conn_t *c, const char *data, size_t len);
+size_t sl_conn_queued_bytes(const sl_conn_t *c);
+/* The response to the current request is complete. keep_alive = false closes the connection
+ * once the response is flushed; otherwise the next pipelined request is handled. */
+void sl_conn_response_done(sl_conn_t *c, bool keep_alive);
+/* Sends a JSON error response {"error":{"type","message","request_id"}} and finishes the
+ * request. `extra` holds additional header lines ("Name: value\r\n"), or NULL. */
+void sl_conn_send_error(sl_conn_t *c, int status, const char *type, const char *msg,
+                        const char *extra, bool keep_alive);
+/* Closes the connection now (abort). Idempotent. */
+void sl_conn_close(sl_conn_t *c);
+/* The request id for the current request (set by the proxy), generated when absent. */
+const char *sl_conn_request_id(sl_conn_t *c);
+/* Client write backlog (bytes) above which upstream reads pause. */
+uint32_t sl_server_client_hwm(void);
+
+#endif

@@ -1,0 +1,146 @@
+#include "worker.h"
+
+#include "log.h"
+#include "policy.h"
+
+#include <lauxlib.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+uint64_t sl_worker_rand(sl_worker_t *w) {
+  /* xorshift128+: fast, and good enough for load balancing and request ids. */
+  uint64_t s1 = w->rng[0];
+  const uint64_t s0 = w->rng[1];
+  w->rng[0] = s0;
+  s1 ^= s1 << 23;
+  w->rng[1] = s1 ^ s0 ^ (s1 >> 17) ^ (s0 >> 26);
+  return w->rng[1] + s0;
+}
+
+void sl_worker_request_id(sl_worker_t *w, char out[33]) {
+  static const char hex[] = "0123456789abcdef";
+  uint64_t a = sl_worker_rand(w), b = sl_worker_rand(w);
+  for (int i = 0; i < 16; i++) {
+    out[i] = hex[(a >> (i * 4)) & 15];
+    out[16 + i] = hex[(b >> (i * 4)) & 15];
+  }
+  out[32] = 0;
+}
+
+static void free_pools(sl_gen_t *g) {
+  lua_State *L = g->worker->L;
+  for (uint32_t i = 0; g->pools && i < g->cfg->npools; i++) {
+    sl_pool_t *p = &g->pools[i];
+    for (uint32_t j = 0; j < p->n; j++)
+      if (p->eps[j]) sl_endpoint_unref(p->eps[j]);
+    free(p->eps);
+    luaL_unref(L, LUA_REGISTRYINDEX, p->lua_pool);
+    luaL_unref(L, LUA_REGISTRYINDEX, p->lua_pick);
+  }
+  free(g->pools);
+  luaL_unref(L, LUA_REGISTRYINDEX, g->lua_ctx);
+}
+
+void sl_gen_unref(sl_gen_t *g) {
+  if (--g->refs > 0) return;
+  free_pools(g);
+  SL_DEBUG("generation %llu released", (unsigned long long)g->id);
+  free(g);
+}
+
+/* Pool table for the balancer: make_pool(name, options, ep1, ep2, ...). */
+static int build_pool_table(sl_worker_t *w, sl_gen_t *g, sl_pool_t *p, int cfg_idx, char *err,
+                            size_t errlen) {
+  lua_State *L = w->L;
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "sluice.runtime");
+  if (sl_lua_pcall(L, 1, 1, err, errlen) != 0) return -1;
+  lua_getfield(L, -1, "make_pool");
+  lua_remove(L, -2);
+  lua_pushstring(L, p->conf->name);
+  /* options = cfg.pools[name].balancer_options */
+  lua_getfield(L, cfg_idx, "pools");
+  lua_getfield(L, -1, p->conf->name);
+  lua_getfield(L, -1, "balancer_options");
+  lua_replace(L, -3);
+  lua_pop(L, 1);
+  luaL_checkstack(L, (int)p->n + 4, "too many endpoints");
+  for (uint32_t i = 0; i < p->n; i++) lua_pushlightuserdata(L, p->eps[i]);
+  if (sl_lua_pcall(L, 2 + (int)p->n, 1, err, errlen) != 0) return -1;
+  p->lua_pool = luaL_ref(L, LUA_REGISTRYINDEX);
+  (void)g;
+  return 0;
+}
+
+sl_gen_t *sl_gen_build(sl_worker_t *w, sl_config_t *cfg, char *err, size_t errlen) {
+  lua_State *L = w->L;
+  int top = lua_gettop(L);
+  sl_gen_t *g = sl_calloc(1, sizeof(*g));
+  g->refs = 1;
+  g->id = ++w->next_gen_id;
+  g->cfg = cfg;
+  g->worker = w;
+  g->lua_ctx = LUA_NOREF;
+
+  /* The normalized config table in this VM (balancer options live in it). */
+  if (sl_config_eval(L, cfg, err, errlen) != 0) goto fail;
+  int cfg_idx = lua_gettop(L);
+
+  /* Sandbox context for this generation: module cache and search roots. */
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "sluice.sandbox");
+  if (sl_lua_pcall(L, 1, 1, err, errlen) != 0) goto fail;
+  lua_getfield(L, -1, "context");
+  lua_remove(L, -2);
+  lua_getfield(L, LUA_REGISTRYINDEX, "sluice.module");
+  lua_createtable(L, 2, 0);
+  lua_pushstring(L, cfg->policies_dir);
+  lua_rawseti(L, -2, 1);
+  lua_pushstring(L, sl_lua_dir());
+  lua_rawseti(L, -2, 2);
+  if (sl_lua_pcall(L, 2, 1, err, errlen) != 0) goto fail;
+  g->lua_ctx = luaL_ref(L, LUA_REGISTRYINDEX);
+
+  g->pools = sl_calloc(cfg->npools, sizeof(sl_pool_t));
+  for (uint32_t i = 0; i < cfg->npools; i++) {
+    sl_pool_t *p = &g->pools[i];
+    p->conf = &cfg->pools[i];
+    p->lua_pool = p->lua_pick = LUA_NOREF;
+    p->eps = sl_calloc(p->conf->nendpoints, sizeof(sl_endpoint_t *));
+    for (uint32_t j = 0; j < p->conf->nendpoints; j++) {
+      const sl_endpoint_conf_t *ec = &p->conf->endpoints[j];
+      sl_endpoint_t *ep = sl_endpoint_get(w, ec->url, ec->host, ec->port, ec->path, ec->tls,
+                                          ec->websocket, err, errlen);
+      if (!ep) goto fail;
+      p->eps[p->n++] = ep;
+    }
+    if (sl_policy_load(w, g, "balancer", p->conf->balancer, err, errlen) != 0) goto fail;
+    lua_getfield(L, -1, "pick");
+    p->lua_pick = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_pop(L, 1);
+    if (build_pool_table(w, g, p, cfg_idx, err, errlen) != 0) goto fail;
+  }
+  lua_settop(L, top);
+  return g;
+
+fail:
+  lua_settop(L, top);
+  free_pools(g);
+  free(g);
+  return NULL;
+}
+
+/* Endpoint settings that come from pools: applied when a generation becomes current. */
+void sl_gen_activate(sl_gen_t *g) {
+  for (uint32_t i = 0; i < g->cfg->npools; i++) {
+    sl_pool_t *p = &g->pools[i];
+    for (uint32_t j = 0; j < p->n; j++) {
+      sl_endpoint_t *ep = p->eps[j];
+      ep->view.weight = (int32_t)p->conf->endpoints[j].weight;
+      ep->view.max_inflight = (int32_t)p->conf->max_inflight;
+      ep->max_idle = p->conf->keepalive_max_idle;
+      ep->idle_timeout_ms = p->conf->keepalive_idle_timeout_ms;
+      sl_endpoint_update(ep);
+    }
+  }
+}

@@ -1,0 +1,86 @@
+/* A worker: one libuv loop, one LuaJIT VM, and everything hot that belongs to them —
+ * endpoints, client connections, the current config generation. Nothing here is shared with
+ * another worker. */
+#ifndef SL_WORKER_H
+#define SL_WORKER_H
+
+#include "common.h"
+#include "config.h"
+#include "endpoint.h"
+
+#include <lua.h>
+#include <uv.h>
+
+struct sl_gateway;
+
+/* A pool as one generation sees it: its config, endpoints and balancer. */
+typedef struct sl_pool {
+  const sl_pool_conf_t *conf;
+  sl_endpoint_t **eps;
+  uint32_t n;
+  int lua_pool; /* registry ref: the pool table handed to the balancer */
+  int lua_pick; /* registry ref: balancer.pick */
+} sl_pool_t;
+
+/* A generation: a config and the policies loaded for it. Requests hold a reference so they
+ * finish on the generation they started with while a reload swaps in a new one. */
+typedef struct sl_gen {
+  uint32_t refs;
+  uint64_t id;
+  sl_config_t *cfg; /* shared; the gateway owns it */
+  sl_pool_t *pools; /* cfg->npools entries */
+  struct sl_worker *worker;
+  int lua_ctx; /* registry ref: sandbox context (module cache) */
+} sl_gen_t;
+
+typedef struct sl_worker_stats {
+  uint64_t accepted, requests, responses[6]; /* responses by status class 1xx..5xx, [0] other */
+  uint64_t upstream_connect_errors, upstream_timeouts, policy_errors;
+} sl_worker_stats_t;
+
+typedef struct sl_worker {
+  uv_loop_t *loop;
+  lua_State *L;
+  struct sl_gateway *gw;
+  sl_gen_t *gen;
+  uint64_t next_gen_id;
+
+  uv_tcp_t *listeners;
+  uint32_t nlisteners;
+  uint16_t bound_port; /* first listener's port (useful when configured as 0) */
+  sl_list_t endpoints;
+  sl_list_t conns;
+  uint32_t nconns;
+
+  /* The request a policy hook is deciding on; read by the Lua `req` object. */
+  const struct sl_http_req *hook_req;
+  const char *hook_request_id;
+  uint32_t hook_attempt;
+  int lua_req; /* registry ref: the reusable req object */
+
+  uint64_t rng[2];
+  bool draining;
+  uv_timer_t drain_timer;
+  sl_worker_stats_t stats;
+  char readbuf[64 * 1024]; /* shared by every read on this loop: data is consumed in the callback */
+} sl_worker_t;
+
+static inline uint64_t sl_worker_now(const sl_worker_t *w) { return uv_now(w->loop); }
+uint64_t sl_worker_rand(sl_worker_t *w);
+/* Writes 32 lowercase hex characters (128 random bits) and a NUL into out[33]. */
+void sl_worker_request_id(sl_worker_t *w, char out[33]);
+
+/* Builds a generation from cfg in this worker's VM. Returns NULL with err filled. */
+sl_gen_t *sl_gen_build(sl_worker_t *w, sl_config_t *cfg, char *err, size_t errlen);
+static inline sl_gen_t *sl_gen_ref(sl_gen_t *g) {
+  g->refs++;
+  return g;
+}
+void sl_gen_unref(sl_gen_t *g);
+/* Applies per-pool endpoint settings (weight, max_inflight, keep-alive) of a new current
+ * generation. */
+void sl_gen_activate(sl_gen_t *g);
+/* A client connection finished closing (drain bookkeeping; defined by the gateway). */
+void sl_worker_conn_gone(sl_worker_t *w);
+
+#endif

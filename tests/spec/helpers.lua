@@ -1,0 +1,379 @@
+-- Test support for policy specs: a sandbox like the runtime's, a fake `sluice` module
+-- with a controllable clock and randomness, and fake pools, endpoints and requests.
+--
+-- Specs run from the repository root:
+--
+--   package.path = "tests/spec/?.lua;" .. package.path
+--   local h = require "helpers"
+--   local M, fake = h.load_policy("balancer/round_robin.lua")
+--   local pool = h.make_pool({ { weight = 5 }, { weight = 1, available = false } })
+--   local idx = M.pick(pool, h.make_req())
+--
+-- The sandbox is stricter than the runtime's in two ways, so a spec fails loudly where a
+-- policy would misbehave in production: reading or writing an undefined global raises
+-- (this is what catches a policy reaching for `os`, `io` or `ffi`), and `math.random` /
+-- `math.randomseed` raise, because policies must draw from `sluice.random()`.
+
+local ffi_ok, ffi = pcall(require, "ffi")
+
+local h = {}
+
+h.ROOT = "."
+
+-- Fake sluice ------------------------------------------------------------------------
+
+local LCG_M = 2147483647 -- Park-Miller "minimal standard": exact in doubles
+local LCG_A = 48271
+
+-- Returns a fake with:
+--   fake.sluice               the module policies see as the global `sluice`
+--   fake.now                  what sluice.now_ms() returns (ms; starts at 0; assignable)
+--   fake.advance(ms)          fake.now = fake.now + ms
+--   fake.seed(n)              restart sluice.random()'s generator from seed n (default 1)
+--   fake.script(seq)          sluice.random() returns seq[1], seq[2], ... then raises
+--                             if drawn again; fake.script(nil) returns to the generator
+--   fake.draws                how many times sluice.random() was called
+--   fake.logs                 captured sluice.log calls: { level = ..., msg = "a b c" }
+--   fake.shared               sluice.shared, the per-worker shared table
+--   fake.metrics[name]        last value / running count recorded by sluice.metrics.*
+function h.new_fake()
+  local fake = { now = 0, draws = 0, logs = {}, shared = {}, metrics = {} }
+  local x, scripted, pos = 1, nil, 0
+
+  function fake.advance(ms)
+    fake.now = fake.now + ms
+  end
+
+  function fake.seed(n)
+    x = (n or 1) % LCG_M
+    if x == 0 then x = 1 end
+    scripted = nil
+  end
+
+  function fake.script(seq)
+    scripted, pos = seq, 0
+  end
+
+  local s = {}
+
+  function s.now_ms()
+    return fake.now
+  end
+
+  function s.random()
+    fake.draws = fake.draws + 1
+    if scripted then
+      pos = pos + 1
+      local v = scripted[pos]
+      if v == nil then
+        error("sluice.random(): scripted sequence exhausted after " .. #scripted .. " draws", 2)
+      end
+      return v
+    end
+    x = (x * LCG_A) % LCG_M
+    return (x - 1) / (LCG_M - 1) -- [0, 1)
+  end
+
+  -- FNV-1a, 32 bits: deterministic, enough for specs of hashing policies.
+  function s.hash(str)
+    local hv = 2166136261
+    for i = 1, #str do
+      hv = bit.bxor(hv, str:byte(i))
+      hv = (hv * 16777619) % 4294967296
+    end
+    return hv
+  end
+
+  function s.log(level, ...)
+    local parts = {}
+    for i = 1, select("#", ...) do
+      parts[i] = tostring((select(i, ...)))
+    end
+    fake.logs[#fake.logs + 1] = { level = level, msg = table.concat(parts, " ") }
+  end
+
+  s.shared = fake.shared
+  s.metrics = {
+    counter = function(name, by)
+      fake.metrics[name] = (fake.metrics[name] or 0) + (by or 1)
+    end,
+    gauge = function(name, v)
+      fake.metrics[name] = v
+    end,
+    histogram = function(name, v)
+      local t = fake.metrics[name] or {}
+      t[#t + 1] = v
+      fake.metrics[name] = t
+    end,
+  }
+
+  fake.sluice = s
+  return fake
+end
+
+-- Sandbox and loading ----------------------------------------------------------------
+
+local ALLOWED = {
+  "string", "table", "bit", "pairs", "ipairs", "next", "type", "tostring", "tonumber",
+  "select", "error", "assert", "pcall", "unpack", "setmetatable", "getmetatable",
+  "rawget", "rawset", "rawequal",
+}
+
+local function forbid(name, instead)
+  return function()
+    error(name .. " is not allowed in policies; use " .. instead, 2)
+  end
+end
+
+local function sandbox_math()
+  local m = {}
+  for k, v in pairs(math) do m[k] = v end
+  m.random = forbid("math.random", "sluice.random()")
+  m.randomseed = forbid("math.randomseed", "fake.seed() in the spec")
+  return m
+end
+
+local function load_into(path, env)
+  local chunk, err = loadfile(path)
+  if not chunk then error(err, 0) end
+  setfenv(chunk, env)
+  return chunk()
+end
+
+-- Returns a fresh sandbox environment whose `sluice` is fake.sluice. `require` only
+-- resolves modules under policies/ and lua/ ("balancer.x" -> policies/balancer/x.lua),
+-- loaded into the same sandbox; `require "sluice"` returns the fake module.
+function h.sandbox(fake, opts)
+  opts = opts or {}
+  local env = {}
+  for _, k in ipairs(ALLOWED) do env[k] = _G[k] end
+  env.math = sandbox_math()
+  env.sluice = fake.sluice
+
+  local loaded = { sluice = fake.sluice }
+  env.require = function(name)
+    if type(name) ~= "string" then error("require: module name must be a string", 2) end
+    if loaded[name] ~= nil then return loaded[name] end
+    if name:find("%.%.") or name:find("^[./]") or name:find("[/\\]") then
+      error("require: bad module name '" .. name .. "'", 2)
+    end
+    local rel = name:gsub("%.", "/") .. ".lua"
+    for _, dir in ipairs({ "policies/", "lua/" }) do
+      local path = h.ROOT .. "/" .. dir .. rel
+      local f = io.open(path, "r")
+      if f then
+        f:close()
+        local mod = load_into(path, env)
+        if mod == nil then mod = true end
+        loaded[name] = mod
+        return mod
+      end
+    end
+    error("require: module '" .. name .. "' not found under policies/ or lua/", 2)
+  end
+
+  if opts.strict ~= false then
+    setmetatable(env, {
+      __index = function(_, k)
+        error("policy read undefined global '" .. tostring(k) .. "' (not in the sandbox)", 2)
+      end,
+      __newindex = function(_, k)
+        error("policy assigned global '" .. tostring(k) .. "'; use a local", 2)
+      end,
+    })
+  end
+  return env
+end
+
+-- load_policy("balancer/round_robin.lua" [, opts]) -> module, fake, env
+-- Loads policies/<relpath> into a fresh sandbox. opts.fake shares an existing fake;
+-- opts.strict = false turns off the undefined-global checks.
+function h.load_policy(relpath, opts)
+  opts = opts or {}
+  local fake = opts.fake or h.new_fake()
+  local env = h.sandbox(fake, opts)
+  local mod = load_into(h.ROOT .. "/policies/" .. relpath, env)
+  assert(type(mod) == "table", "policies/" .. relpath .. " must return a table")
+  return mod, fake, env
+end
+
+-- Endpoints and pools ----------------------------------------------------------------
+
+h.EP_DEFAULTS = {
+  weight = 1, inflight = 0, max_inflight = 0, queued = 0, ewma_ms = 0, fails = 0,
+  successes = 0, state = 0, reported_load = 0,
+}
+
+h.OPEN, h.CLOSED, h.HALF_OPEN = 1, 0, 2
+
+-- What the runtime computes for ep.available: breaker not open and a free slot.
+function h.is_available(ep)
+  local max = tonumber(ep.max_inflight)
+  return tonumber(ep.state) ~= h.OPEN and (max == 0 or tonumber(ep.inflight) < max)
+end
+
+-- Recomputes ep.available for every endpoint (after changing inflight or state).
+function h.refresh(pool)
+  for i = 1, pool.n do
+    local ep = pool.endpoints[i]
+    ep.available = h.is_available(ep)
+  end
+end
+
+-- A plain-table endpoint: defaults for every field; `available` derived from the others
+-- unless given. Unknown fields raise, so a typo cannot silently become a default.
+function h.make_endpoint(spec)
+  spec = spec or {}
+  local ep = {}
+  for k, v in pairs(h.EP_DEFAULTS) do ep[k] = v end
+  for k, v in pairs(spec) do
+    if h.EP_DEFAULTS[k] == nil and k ~= "available" then
+      error("make_endpoint: unknown field '" .. tostring(k) .. "'", 2)
+    end
+    ep[k] = v
+  end
+  if spec.available == nil then ep.available = h.is_available(ep) end
+  return ep
+end
+
+local FFI_CDEF = [[
+struct sluice_spec_endpoint {
+  int32_t weight;
+  int32_t inflight;
+  int32_t max_inflight;
+  int32_t queued;
+  double  ewma_ms;
+  int64_t fails;
+  int64_t successes;
+  int32_t state;
+  double  reported_load;
+  bool    available;
+};
+]]
+
+local ffi_ep_type
+local function ffi_endpoint_type()
+  if not ffi_ok then error("make_pool{ ffi = true } needs LuaJIT's ffi module", 3) end
+  if not ffi_ep_type then
+    -- ffi.cdef is per VM, and busted may run several spec files in one VM.
+    if not pcall(ffi.typeof, "struct sluice_spec_endpoint") then ffi.cdef(FFI_CDEF) end
+    ffi_ep_type = ffi.typeof("struct sluice_spec_endpoint")
+  end
+  return ffi_ep_type
+end
+
+-- An FFI cdata endpoint like the runtime's: the same fields as make_endpoint, with
+-- fails/successes as int64 cdata and available as a C bool. Returned as a pointer into
+-- an array kept alive by the pool (pool._ffi_storage).
+local function make_ffi_endpoints(eps)
+  local t = ffi_endpoint_type()
+  local n = #eps
+  local arr = ffi.new(ffi.typeof("$[?]", t), math.max(n, 1))
+  local ptrs = {}
+  for i = 1, n do
+    local src, dst = eps[i], arr[i - 1]
+    for k in pairs(h.EP_DEFAULTS) do dst[k] = src[k] end
+    dst.available = src.available
+    ptrs[i] = arr + (i - 1)
+  end
+  return ptrs, arr
+end
+
+-- make_pool(specs [, opts]) -> pool
+--   specs: array of endpoint specs for make_endpoint (may be empty)
+--   opts.name (default "test"), opts.options (default {}),
+--   opts.ffi = true: endpoints are FFI cdata pointers instead of Lua tables.
+-- The pool has name, n, endpoints, state (empty) and options, as the runtime builds it.
+function h.make_pool(specs, opts)
+  opts = opts or {}
+  local eps = {}
+  for i, spec in ipairs(specs or {}) do eps[i] = h.make_endpoint(spec) end
+  local pool = {
+    name = opts.name or "test",
+    n = #eps,
+    endpoints = eps,
+    state = {},
+    options = opts.options or {},
+  }
+  if opts.ffi then
+    pool.endpoints, pool._ffi_storage = make_ffi_endpoints(eps)
+  end
+  return pool
+end
+
+-- Sets fields on endpoint i (works for tables and cdata), then recomputes `available`
+-- unless the change sets it explicitly.
+function h.set(pool, i, fields)
+  local ep = pool.endpoints[i]
+  for k, v in pairs(fields) do ep[k] = v end
+  if fields.available == nil then ep.available = h.is_available(ep) end
+end
+
+-- Requests ---------------------------------------------------------------------------
+
+-- make_req{ method=, path=, host=, attempt=, headers = { ["x-a"] = "1" } } -> req
+-- req:header(name) is case-insensitive and returns a string or nil.
+function h.make_req(spec)
+  spec = spec or {}
+  local headers = {}
+  for k, v in pairs(spec.headers or {}) do headers[k:lower()] = v end
+  return {
+    method = spec.method or "POST",
+    path = spec.path or "/v1/chat/completions",
+    host = spec.host or "localhost",
+    attempt = spec.attempt or 1,
+    header = function(_, name) return headers[name:lower()] end,
+  }
+end
+
+-- Running picks ----------------------------------------------------------------------
+
+-- Calls M.pick(pool, req) `times` times; returns counts[i] (0 for never-picked
+-- endpoints) and the number of nil results. Raises if a pick returns anything other
+-- than nil or the index of an available endpoint.
+function h.count_picks(M, pool, times, req)
+  req = req or h.make_req()
+  local counts, nils = {}, 0
+  for i = 1, pool.n do counts[i] = 0 end
+  for _ = 1, times do
+    local i = M.pick(pool, req)
+    if i == nil then
+      nils = nils + 1
+    else
+      h.check_pick(pool, i)
+      counts[i] = counts[i] + 1
+    end
+  end
+  return counts, nils
+end
+
+-- Raises unless i is the index of an available endpoint of pool.
+function h.check_pick(pool, i)
+  if type(i) ~= "number" or i ~= math.floor(i) or i < 1 or i > pool.n then
+    error("pick returned " .. tostring(i) .. ", not an index in 1.." .. pool.n, 2)
+  end
+  if not pool.endpoints[i].available then
+    error("pick returned unavailable endpoint " .. i, 2)
+  end
+  return i
+end
+
+-- Calls M.pick `times` times and returns the indices as an array (nil results as false).
+function h.sequence(M, pool, times, req)
+  req = req or h.make_req()
+  local seq = {}
+  for k = 1, times do
+    local i = M.pick(pool, req)
+    if i ~= nil then h.check_pick(pool, i) end
+    seq[k] = i or false
+  end
+  return seq
+end
+
+-- Both kinds of endpoint a policy must handle, for parameterised describe blocks.
+h.ENDPOINT_KINDS = { { name = "table endpoints", ffi = false } }
+if ffi_ok then
+  h.ENDPOINT_KINDS[2] = { name = "ffi endpoints", ffi = true }
+end
+
+return h
