@@ -41,6 +41,26 @@ static const char config_env_src[] =
     "env._G = env\n"
     "return env\n";
 
+void sl_config_error(lua_State *L, const sl_config_t *cfg, const char *path, const char *msg,
+                     char *err, size_t errlen) {
+  int top = lua_gettop(L), line = 0;
+  /* locate.line(source, path) */
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "sluice.locate");
+  if (lua_pcall(L, 1, 1, 0) == 0) {
+    lua_getfield(L, -1, "line");
+    lua_pushlstring(L, cfg->source, cfg->source_len);
+    lua_pushstring(L, path);
+    if (lua_pcall(L, 2, 1, 0) == 0 && lua_isnumber(L, -1)) line = (int)lua_tointeger(L, -1);
+  }
+  lua_settop(L, top);
+  const char *key = *path ? path : "(top)";
+  if (line > 0)
+    snprintf(err, errlen, "%s:%d: %s: %s", cfg->file, line, key, msg);
+  else
+    snprintf(err, errlen, "%s: %s: %s", cfg->file, key, msg);
+}
+
 int sl_config_eval(lua_State *L, const sl_config_t *cfg, char *err, size_t errlen) {
   int base = lua_gettop(L);
   char chunkname[1024];
@@ -79,23 +99,12 @@ int sl_config_eval(lua_State *L, const sl_config_t *cfg, char *err, size_t errle
     const char *path = lua_tostring(L, -1);
     lua_getfield(L, -2, "msg");
     const char *msg = lua_tostring(L, -1);
-    int line = 0;
-    /* locate.line(source, path) */
-    lua_getglobal(L, "require");
-    lua_pushliteral(L, "sluice.locate");
-    if (lua_pcall(L, 1, 1, 0) == 0) {
-      lua_getfield(L, -1, "line");
-      lua_pushlstring(L, cfg->source, cfg->source_len);
-      lua_pushstring(L, path ? path : "");
-      if (lua_pcall(L, 2, 1, 0) == 0 && lua_isnumber(L, -1)) line = (int)lua_tointeger(L, -1);
-    }
-    if (line > 0)
-      snprintf(err, errlen, "%s:%d: %s: %s", cfg->file, line, path && *path ? path : "(top)",
-               msg ? msg : "invalid");
-    else
-      snprintf(err, errlen, "%s: %s: %s", cfg->file, path && *path ? path : "(top)",
-               msg ? msg : "invalid");
+    char m[1024];
+    snprintf(m, sizeof(m), "%s", msg ? msg : "invalid");
+    char p[256];
+    snprintf(p, sizeof(p), "%s", path ? path : "");
     lua_settop(L, base);
+    sl_config_error(L, cfg, p, m, err, errlen);
     return -1;
   }
   lua_pop(L, 1);
@@ -166,6 +175,45 @@ static void read_pool(lua_State *L, int idx, const char *name, sl_pool_conf_t *p
   p->keepalive_idle_timeout_ms = (uint32_t)get_int(L, t, "idle_timeout_ms");
   lua_pop(L, 1);
 
+  lua_getfield(L, idx, "retry");
+  if (lua_istable(L, -1)) {
+    t = lua_gettop(L);
+    p->retry_enabled = true;
+    p->retry_policy = get_str(L, t, "policy");
+    p->retry_attempts = (uint32_t)get_int(L, t, "attempts");
+    p->retry_per_try_timeout_ms = (uint32_t)get_int(L, t, "per_try_timeout_ms");
+    p->retry_max_body_bytes = (uint64_t)get_int(L, t, "max_body_bytes");
+    lua_getfield(L, t, "retry_on");
+    int n = (int)lua_objlen(L, -1);
+    for (int i = 1; i <= n; i++) {
+      lua_rawgeti(L, -1, i);
+      if (lua_type(L, -1) == LUA_TNUMBER) {
+        int s = (int)lua_tointeger(L, -1) - 400;
+        p->retry_status[s >> 3] |= (uint8_t)(1u << (s & 7));
+      } else {
+        const char *k = lua_tostring(L, -1);
+        if (!strcmp(k, "connect_error")) p->retry_kinds |= SL_RETRY_CONNECT_ERROR;
+        else if (!strcmp(k, "connect_timeout")) p->retry_kinds |= SL_RETRY_CONNECT_TIMEOUT;
+        else if (!strcmp(k, "reset")) p->retry_kinds |= SL_RETRY_RESET;
+        else if (!strcmp(k, "timeout")) p->retry_kinds |= SL_RETRY_TIMEOUT;
+      }
+      lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  lua_getfield(L, idx, "breaker");
+  if (lua_istable(L, -1)) {
+    t = lua_gettop(L);
+    p->breaker_enabled = true;
+    p->breaker_policy = get_str(L, t, "policy");
+    p->breaker_probes = (uint32_t)get_int(L, t, "half_open_probes");
+    lua_getfield(L, t, "max_ejected_share");
+    p->breaker_max_ejected_share = lua_tonumber(L, -1);
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+
   t = push_sub(L, idx, "endpoints");
   p->nendpoints = (uint32_t)lua_objlen(L, t);
   p->endpoints = sl_calloc(p->nendpoints, sizeof(sl_endpoint_conf_t));
@@ -218,6 +266,10 @@ static void extract(lua_State *L, int idx, sl_config_t *c) {
   c->log_level = sl_log_level_parse(lvl);
   free(lvl);
   c->access_log = get_bool(L, idx, "access_log");
+  t = push_sub(L, idx, "lua");
+  c->lua_jit = get_bool(L, t, "jit");
+  c->lua_budget = (uint64_t)get_int(L, t, "instruction_budget");
+  lua_pop(L, 1);
 
   t = push_sub(L, idx, "limits");
   c->limits.max_header_bytes = (uint32_t)get_int(L, t, "max_header_bytes");
@@ -258,6 +310,8 @@ static void extract(lua_State *L, int idx, sl_config_t *c) {
     lua_pop(L, 1);
   }
   lua_pop(L, 1);
+  for (i = 0; i < c->npools; i++)
+    c->pools[i].fallback_idx = c->pools[i].fallback ? sl_config_pool_index(c, c->pools[i].fallback) : -1;
 }
 
 sl_config_t *sl_config_load(const char *file, char *err, size_t errlen) {
@@ -314,6 +368,8 @@ void sl_config_free(sl_config_t *c) {
     free(p->name);
     free(p->balancer);
     free(p->fallback);
+    free(p->retry_policy);
+    free(p->breaker_policy);
   }
   free(c->pools);
   for (uint32_t i = 0; i < c->nroutes; i++) {

@@ -26,8 +26,31 @@ typedef struct sl_pool_conf {
   uint32_t connect_timeout_ms, first_byte_timeout_ms, total_timeout_ms;
   uint32_t keepalive_max_idle, keepalive_idle_timeout_ms;
   char *fallback;
+  int fallback_idx; /* -1 = none */
   bool preserve_host;
+
+  bool retry_enabled;
+  char *retry_policy;
+  uint32_t retry_attempts;
+  uint32_t retry_per_try_timeout_ms;
+  uint64_t retry_max_body_bytes;
+  uint8_t retry_kinds; /* SL_RETRY_* bits */
+  uint8_t retry_status[25]; /* bitmap of statuses 400..599 that may be retried */
+
+  bool breaker_enabled;
+  char *breaker_policy;
+  uint32_t breaker_probes;
+  double breaker_max_ejected_share;
 } sl_pool_conf_t;
+
+enum { SL_RETRY_CONNECT_ERROR = 1, SL_RETRY_CONNECT_TIMEOUT = 2, SL_RETRY_RESET = 4,
+       SL_RETRY_TIMEOUT = 8 };
+
+static inline bool sl_pool_conf_retries_status(const sl_pool_conf_t *p, int status) {
+  if (status < 400 || status > 599) return false;
+  int i = status - 400;
+  return (p->retry_status[i >> 3] >> (i & 7)) & 1;
+}
 
 typedef struct sl_route_conf {
   char *path;
@@ -54,6 +77,8 @@ typedef struct sl_config {
   char *policies_dir; /* absolute or relative to cwd */
   int log_level;
   bool access_log;
+  bool lua_jit;                /* compile policies (fast; runaway loops cannot be stopped) */
+  uint64_t lua_budget;         /* instructions per call into a policy */
   sl_h1_limits_t limits;
   uint32_t header_timeout_ms, idle_timeout_ms, drain_timeout_ms;
   uint64_t cache_max_bytes;
@@ -70,6 +95,9 @@ sl_config_t *sl_config_load(const char *file, char *err, size_t errlen);
  * Returns 0, or -1 with the message in err. Used by sl_config_load and by workers that need
  * the Lua values (balancer options) in their own VM. */
 int sl_config_eval(lua_State *L, const sl_config_t *cfg, char *err, size_t errlen);
+/* Formats "file:line: key.path: msg", finding the line of `path` in the config source. */
+void sl_config_error(lua_State *L, const sl_config_t *cfg, const char *path, const char *msg,
+                     char *err, size_t errlen);
 int sl_config_pool_index(const sl_config_t *cfg, const char *name);
 void sl_config_free(sl_config_t *cfg);
 

@@ -37,6 +37,7 @@ sl_endpoint_t *sl_endpoint_get(sl_worker_t *w, const char *url, const char *host
   }
   sl_endpoint_t *ep = sl_calloc(1, sizeof(*ep));
   ep->url = sl_strdup(url);
+  ep->view.url = ep->url;
   ep->host = sl_strdup(host);
   ep->port = port;
   ep->path_prefix = sl_strdup(path ? path : "");
@@ -98,9 +99,21 @@ void sl_endpoint_conn_gone(sl_endpoint_t *ep) {
   if (--ep->nconns == 0 && ep->refs == 0) sl_endpoint_free(ep);
 }
 
+bool sl_endpoint_has_slot(const sl_endpoint_t *ep) {
+  const sl_ep_view_t *v = &ep->view;
+  return v->max_inflight == 0 || v->inflight < v->max_inflight;
+}
+
+bool sl_endpoint_breaker_allows(const sl_endpoint_t *ep) {
+  switch (ep->view.state) {
+  case SL_EP_CLOSED: return true;
+  case SL_EP_HALF_OPEN: return ep->probes < ep->probes_max;
+  default: return false;
+  }
+}
+
 void sl_endpoint_update(sl_endpoint_t *ep) {
-  sl_ep_view_t *v = &ep->view;
-  v->available = v->state != SL_EP_OPEN && (v->max_inflight == 0 || v->inflight < v->max_inflight);
+  ep->view.available = sl_endpoint_breaker_allows(ep) && sl_endpoint_has_slot(ep);
 }
 
 void sl_endpoint_record_ttfb(sl_endpoint_t *ep, double ms) {

@@ -25,8 +25,18 @@ typedef struct sl_ep_view {
   int32_t weight;
   int32_t state;          /* breaker: 0 closed, 1 open, 2 half-open */
   int32_t consecutive_fails;
+  int32_t ejections;      /* times the breaker opened since it last closed */
   bool available;         /* may take a request now: breaker allows and a slot is free */
+  const char *url;        /* the endpoint URL (ffi.string(ep.url) to get a Lua string) */
 } sl_ep_view_t;
+
+/* Pool-wide figures policies read through FFI (pool.stats). Mirrored in lua/sluice/ffi.lua. */
+typedef struct sl_pool_view {
+  int32_t active;   /* requests of this pool in progress (queued, waiting or upstream) */
+  int32_t queued;   /* requests waiting in the pool's admission queue */
+  int32_t retrying; /* requests of this pool past their first attempt */
+  int32_t ejected;  /* endpoints whose breaker is open */
+} sl_pool_view_t;
 
 enum { SL_EP_CLOSED = 0, SL_EP_OPEN = 1, SL_EP_HALF_OPEN = 2 };
 
@@ -47,6 +57,10 @@ typedef struct sl_endpoint {
   uint32_t idle_timeout_ms;
   uint32_t nconns;     /* all upstream connections, idle or busy */
 
+  uint64_t open_until_ms; /* breaker: when an open endpoint turns half-open */
+  uint32_t probes;        /* breaker: attempts in flight while half-open */
+  uint32_t probes_max;
+
   sl_list_t link; /* in worker->endpoints */
   uint32_t refs;  /* pools (of any generation) that reference it */
   struct sl_worker *worker;
@@ -58,6 +72,8 @@ sl_endpoint_t *sl_endpoint_get(struct sl_worker *w, const char *url, const char 
                                uint16_t port, const char *path, bool tls, bool websocket,
                                char *err, size_t errlen);
 void sl_endpoint_unref(sl_endpoint_t *ep);
+bool sl_endpoint_has_slot(const sl_endpoint_t *ep);
+bool sl_endpoint_breaker_allows(const sl_endpoint_t *ep);
 /* Recomputes view.available after inflight or breaker state changed. */
 void sl_endpoint_update(sl_endpoint_t *ep);
 void sl_endpoint_record_ttfb(sl_endpoint_t *ep, double ms);

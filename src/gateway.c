@@ -1,6 +1,7 @@
 /* The public sluice_t: a config, and the worker that serves it on the host's loop. */
 #include "sluice.h"
 
+#include "admission.h"
 #include "config.h"
 #include "io.h"
 #include "log.h"
@@ -67,6 +68,7 @@ static sl_worker_t *worker_new(uv_loop_t *loop, char *err, size_t errlen) {
   }
   uv_timer_init(loop, &w->drain_timer);
   w->drain_timer.data = w;
+  sl_admission_init(w);
   return w;
 }
 
@@ -104,6 +106,8 @@ int sluice_load_file(sluice_t *s, const char *path) {
     }
     s->worker->gw = (struct sl_gateway *)s;
   }
+  sl_lua_set_mode(s->worker->L, cfg->lua_jit, cfg->lua_budget);
+  if (cfg->lua_jit) SL_WARN("lua.jit = true: policies are compiled; a runaway loop cannot be stopped");
   sl_gen_t *g = sl_gen_build(s->worker, cfg, s->error, sizeof(s->error));
   if (!g) {
     sl_config_free(cfg);
@@ -139,6 +143,7 @@ static void on_drain_timer_closed(uv_handle_t *h) {
 static void finish_stop(sl_worker_t *w) {
   for (sl_list_t *l = w->endpoints.next; l != &w->endpoints; l = l->next)
     sl_endpoint_close_idle(SL_CONTAINER_OF(l, sl_endpoint_t, link));
+  sl_admission_close(w);
   sl_close_handle((uv_handle_t *)&w->drain_timer, on_drain_timer_closed);
 }
 
@@ -182,7 +187,10 @@ void sluice_free(sluice_t *s) {
     return;
   }
   if (s->worker) {
-    if (!s->started) sl_close_handle((uv_handle_t *)&s->worker->drain_timer, NULL);
+    if (!s->started) {
+      sl_admission_close(s->worker);
+      sl_close_handle((uv_handle_t *)&s->worker->drain_timer, NULL);
+    }
     worker_free(s->worker);
   }
   sl_config_free(s->cfg);
@@ -202,6 +210,7 @@ int sluice_check_file(const char *path, char *err, size_t errlen) {
     sl_gen_t *g = sl_gen_build(w, cfg, err, errlen);
     if (!g) rc = SLUICE_EPOLICY;
     else w->gen = g;
+    sl_admission_close(w);
     sl_close_handle((uv_handle_t *)&w->drain_timer, NULL);
     worker_free(w);
   }

@@ -24,7 +24,21 @@ static int store(llhttp_t *p, const char *at, size_t len) {
   return 0;
 }
 
-static int on_url(llhttp_t *p, const char *at, size_t len) { return store(p, at, len); }
+/* The byte `back` positions before `at`, looking into the previous input when needed. */
+static char byte_before(const sl_h1_parser_t *h, const char *at, size_t back) {
+  size_t avail = (size_t)(at - h->exec_start);
+  if (back <= avail) return at[-(ptrdiff_t)back];
+  back -= avail;
+  return back <= 2 ? h->prev_bytes[2 - back] : 0;
+}
+
+static int on_url(llhttp_t *p, const char *at, size_t len) {
+  sl_h1_parser_t *h = H1(p);
+  /* llhttp tolerates several spaces between method and target; RFC 9112 3 has exactly one. */
+  if (h->req->strings.len == 0 && byte_before(h, at, 2) == ' ')
+    return fail(p, 400, "malformed request line");
+  return store(p, at, len);
+}
 
 static int on_url_complete(llhttp_t *p) {
   sl_http_req_t *r = REQ(p);
@@ -53,13 +67,16 @@ static int on_header_field(llhttp_t *p, const char *at, size_t len) {
 
 static int on_header_field_complete(llhttp_t *p) {
   sl_http_req_t *r = REQ(p);
+  if (H1(p)->in_field != 1) return fail(p, 400, "empty header name");
   sl_header_t *hd = &r->headers[r->nheaders - 1];
   hd->name_len = (uint32_t)r->strings.len - hd->name_off;
+  if (hd->name_len == 0) return fail(p, 400, "empty header name");
   return 0;
 }
 
 static int on_header_value(llhttp_t *p, const char *at, size_t len) {
   sl_h1_parser_t *h = H1(p);
+  if (h->in_field == 0) return fail(p, 400, "empty header name");
   /* llhttp accepts obs-fold (a value continued on a line starting with whitespace) even in
    * strict mode; it shows up as a value span that directly follows a line break. */
   char before = at > h->exec_start ? at[-1] : h->prev_byte;
@@ -75,6 +92,17 @@ static bool value_is(const sl_http_req_t *r, const sl_header_t *hd, const char *
   return sl_strieq(sl_http_req_str(r, hd->value_off), hd->value_len, lit);
 }
 
+/* uri-host [ ":" port ] (RFC 9112 3.2, RFC 3986 3.2.2): reg-name characters or an IP literal. */
+static bool valid_host(const char *s, size_t n) {
+  for (size_t i = 0; i < n; i++) {
+    unsigned char c = (unsigned char)s[i];
+    bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              strchr("-._~%!$&'()*+,;=:[]", c) != NULL;
+    if (!ok || c == 0) return false;
+  }
+  return true;
+}
+
 /* Remembers the headers whose meaning the gateway must enforce; rejects duplicates of those
  * that smuggling attacks duplicate. */
 static int classify(llhttp_t *p, sl_header_t *hd, int32_t idx) {
@@ -84,6 +112,8 @@ static int classify(llhttp_t *p, sl_header_t *hd, int32_t idx) {
   case 4:
     if (sl_strieq(name, 4, "host")) {
       if (r->host_idx >= 0) return fail(p, 400, "duplicate Host header");
+      if (!valid_host(sl_http_req_str(r, hd->value_off), hd->value_len))
+        return fail(p, 400, "invalid Host header");
       r->host_idx = idx;
     }
     break;
@@ -116,6 +146,7 @@ static int classify(llhttp_t *p, sl_header_t *hd, int32_t idx) {
 static int on_header_value_complete(llhttp_t *p) {
   sl_h1_parser_t *h = H1(p);
   sl_http_req_t *r = h->req;
+  if (h->in_field == 0 || r->nheaders == 0) return fail(p, 400, "empty header name");
   sl_header_t *hd = &r->headers[r->nheaders - 1];
   if (h->in_field != 2) hd->value_off = (uint32_t)r->strings.len; /* empty value */
   hd->value_len = (uint32_t)r->strings.len - hd->value_off;
@@ -137,7 +168,11 @@ static int on_headers_complete(llhttp_t *p) {
   r->http_major = p->http_major;
   r->http_minor = p->http_minor;
   r->keep_alive = llhttp_should_keep_alive(p);
+  /* Upgrades are decided by the route (WebSocket), not by the parser: keep parsing HTTP. The
+   * connection's owner takes over the bytes after this message when it accepts the upgrade. */
   r->upgrade = p->upgrade;
+  p->upgrade = 0;
+  if (r->http_minor == 0) r->expect_continue = false; /* RFC 9110 10.1.1 */
 
   if (r->http_major != 1) return fail(p, 505, "unsupported HTTP version");
   if (r->http_minor == 1 && r->host_idx < 0) return fail(p, 400, "missing Host header");
@@ -234,6 +269,13 @@ sl_h1_event_t sl_h1_execute(sl_h1_parser_t *h, const char *data, size_t len, siz
   h->event = SL_H1_AGAIN;
   h->exec_start = data;
   llhttp_errno_t e = llhttp_execute(&h->p, data, len);
+  if (len >= 2) {
+    h->prev_bytes[0] = data[len - 2];
+    h->prev_bytes[1] = data[len - 1];
+  } else if (len == 1) {
+    h->prev_bytes[0] = h->prev_bytes[1];
+    h->prev_bytes[1] = data[0];
+  }
   if (len) h->prev_byte = data[len - 1];
   if (e == HPE_OK) {
     *used = len;

@@ -34,6 +34,7 @@ static void on_stopped(sluice_t *s, void *arg) {
 
 static void on_signal(uv_signal_t *h, int signum) {
   app_t *a = h->data;
+
   if (a->stopping++) {
     fprintf(stderr, "sluice: second signal, exiting now\n");
     exit(1);
@@ -90,18 +91,22 @@ int main(int argc, char **argv) {
   app_t a = {0};
   a.loop = uv_default_loop();
   sluice_new(a.loop, &a.s);
-  int rc = sluice_load_file(a.s, config);
-  if (rc == 0) rc = sluice_start(a.s);
-  if (rc != 0) {
-    fprintf(stderr, "sluice: %s\n", sluice_last_error(a.s));
-    sluice_free(a.s);
-    return 1;
-  }
+  /* Handlers first: a signal that arrives once "listening" is logged must drain, not kill. */
   uv_signal_init(a.loop, &a.sigint);
   uv_signal_init(a.loop, &a.sigterm);
   a.sigint.data = a.sigterm.data = &a;
   uv_signal_start(&a.sigint, on_signal, SIGINT);
   uv_signal_start(&a.sigterm, on_signal, SIGTERM);
+  int rc = sluice_load_file(a.s, config);
+  if (rc == 0) rc = sluice_start(a.s);
+  if (rc != 0) {
+    fprintf(stderr, "sluice: %s\n", sluice_last_error(a.s));
+    sluice_free(a.s);
+    uv_close((uv_handle_t *)&a.sigint, NULL);
+    uv_close((uv_handle_t *)&a.sigterm, NULL);
+    uv_run(a.loop, UV_RUN_DEFAULT);
+    return 1;
+  }
   uv_run(a.loop, UV_RUN_DEFAULT);
   sluice_free(a.s);
   uv_run(a.loop, UV_RUN_DEFAULT); /* close callbacks of upstream connections */

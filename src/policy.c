@@ -4,6 +4,7 @@
 #include "log.h"
 
 #include <lauxlib.h>
+#include <luajit.h>
 #include <lualib.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -15,6 +16,33 @@
 const char *sl_lua_dir(void) {
   const char *d = getenv("SLUICE_LUA_DIR");
   return d && *d ? d : SLUICE_LUA_DIR;
+}
+
+#define SL_BUDGET_STEP 1000 /* instructions between two hook calls */
+
+static _Thread_local int64_t budget_steps = 1000000 / SL_BUDGET_STEP;
+static _Thread_local int64_t budget_left = 1000000 / SL_BUDGET_STEP;
+
+void sl_lua_budget_reset(void) { budget_left = budget_steps; }
+
+static void budget_hook(lua_State *L, lua_Debug *ar) {
+  if (--budget_left >= 0) return;
+  budget_left = budget_steps; /* room for the error handler */
+  luaL_error(L, "instruction budget of %lld exceeded (runaway loop?)",
+             (long long)(budget_steps * SL_BUDGET_STEP));
+}
+
+void sl_lua_set_mode(lua_State *L, bool jit, uint64_t budget) {
+  budget_steps = (int64_t)(budget / SL_BUDGET_STEP);
+  if (budget_steps < 1) budget_steps = 1;
+  budget_left = budget_steps;
+  if (jit) {
+    luaJIT_setmode(L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_ON);
+    lua_sethook(L, NULL, 0, 0);
+  } else {
+    luaJIT_setmode(L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
+    lua_sethook(L, budget_hook, LUA_MASKCOUNT, SL_BUDGET_STEP);
+  }
 }
 
 lua_State *sl_lua_newstate(void) {
@@ -30,6 +58,7 @@ lua_State *sl_lua_newstate(void) {
   lua_pushliteral(L, "");
   lua_setfield(L, -2, "cpath");
   lua_pop(L, 1);
+  sl_lua_set_mode(L, false, (uint64_t)(budget_steps * SL_BUDGET_STEP));
   return L;
 }
 
@@ -50,6 +79,7 @@ static void format_error(const char *tb, char *err, size_t errlen) {
 }
 
 int sl_lua_pcall(lua_State *L, int nargs, int nresults, char *err, size_t errlen) {
+  sl_lua_budget_reset();
   int fn = lua_gettop(L) - nargs;
   lua_pushcfunction(L, traceback);
   lua_insert(L, fn);
@@ -199,12 +229,25 @@ int sl_policy_init(sl_worker_t *w, char *err, size_t errlen) {
   if (sl_lua_pcall(L, 1, 1, err, errlen) != 0) return -1;
   lua_getfield(L, -1, "sizeof_endpoint");
   size_t lua_size = (size_t)lua_tonumber(L, -1);
-  lua_pop(L, 2);
-  if (lua_size != sizeof(sl_ep_view_t)) {
-    snprintf(err, errlen, "lua/sluice/ffi.lua: sl_ep_view_t is %zu bytes, C says %zu", lua_size,
-             sizeof(sl_ep_view_t));
+  lua_getfield(L, -2, "sizeof_pool");
+  size_t lua_pool_size = (size_t)lua_tonumber(L, -1);
+  lua_pop(L, 3);
+  if (lua_size != sizeof(sl_ep_view_t) || lua_pool_size != sizeof(sl_pool_view_t)) {
+    snprintf(err, errlen,
+             "lua/sluice/ffi.lua: sl_ep_view_t/sl_pool_view_t are %zu/%zu bytes, C says %zu/%zu",
+             lua_size, lua_pool_size, sizeof(sl_ep_view_t), sizeof(sl_pool_view_t));
     return -1;
   }
+
+  lua_pushcfunction(L, traceback);
+  w->lua_traceback = luaL_ref(L, LUA_REGISTRYINDEX);
+
+  lua_newtable(L);
+  w->lua_outcome = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "sluice.runtime");
+  if (sl_lua_pcall(L, 1, 1, err, errlen) != 0) return -1;
+  w->lua_hooks = luaL_ref(L, LUA_REGISTRYINDEX);
 
   /* The reusable req object. */
   lua_pushlightuserdata(L, w);
@@ -234,12 +277,22 @@ int sl_policy_pick(sl_worker_t *w, sl_pool_t *pool, const sl_http_req_t *req,
   w->hook_req = req;
   w->hook_request_id = request_id;
   w->hook_attempt = attempt;
+  /* Same as sl_lua_pcall, without creating a handler closure per call. */
+  int base = lua_gettop(L);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->lua_traceback);
   lua_rawgeti(L, LUA_REGISTRYINDEX, pool->lua_pick);
   lua_rawgeti(L, LUA_REGISTRYINDEX, pool->lua_pool);
   lua_rawgeti(L, LUA_REGISTRYINDEX, w->lua_req);
-  int rc = sl_lua_pcall(L, 2, 1, err, errlen);
+  sl_lua_budget_reset();
+  int rc = lua_pcall(L, 2, 1, base + 1);
   w->hook_req = NULL;
-  if (rc != 0) return -1;
+  if (rc != 0) {
+    format_error(lua_tostring(L, -1) ? lua_tostring(L, -1) : "(error object is not a string)",
+                 err, errlen);
+    lua_settop(L, base);
+    return -1;
+  }
+  lua_remove(L, base + 1);
 
   int t = lua_type(L, -1);
   int rcode = 0;
@@ -274,4 +327,111 @@ int sl_policy_pick(sl_worker_t *w, sl_pool_t *pool, const sl_http_req_t *req,
     rcode = -1;
   }
   return rcode;
+}
+
+/* Fills the reusable outcome table and pushes it. */
+static void push_outcome(sl_worker_t *w, const sl_outcome_t *o) {
+  lua_State *L = w->L;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->lua_outcome);
+  lua_pushstring(L, o->kind);
+  lua_setfield(L, -2, "kind");
+  if (o->status) lua_pushinteger(L, o->status);
+  else lua_pushnil(L);
+  lua_setfield(L, -2, "status");
+  lua_pushboolean(L, sl_outcome_ok(o));
+  lua_setfield(L, -2, "ok");
+  if (o->retry_after_ms >= 0) lua_pushnumber(L, (lua_Number)o->retry_after_ms);
+  else lua_pushnil(L);
+  lua_setfield(L, -2, "retry_after_ms");
+  if (o->ttfb_ms >= 0) lua_pushnumber(L, o->ttfb_ms);
+  else lua_pushnil(L);
+  lua_setfield(L, -2, "ttfb_ms");
+}
+
+/* Calls runtime.<trampoline>(fn, pool, ...) with nargs extra arguments already pushed after
+ * the three slots reserved by push_hook. */
+static int call_hook(sl_worker_t *w, int base, int nargs, int nres, char *err, size_t errlen) {
+  lua_State *L = w->L;
+  sl_lua_budget_reset();
+  int rc = lua_pcall(L, 2 + nargs, nres, base + 1);
+  if (rc != 0) {
+    format_error(lua_tostring(L, -1) ? lua_tostring(L, -1) : "(error object is not a string)",
+                 err, errlen);
+    lua_settop(L, base);
+    return -1;
+  }
+  lua_remove(L, base + 1);
+  return 0;
+}
+
+/* Pushes the traceback handler, the trampoline, the hook function and the pool table. */
+static void push_hook(sl_worker_t *w, const char *trampoline, int fn_ref, sl_pool_t *pool) {
+  lua_State *L = w->L;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->lua_traceback);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->lua_hooks);
+  lua_getfield(L, -1, trampoline);
+  lua_remove(L, -2);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, fn_ref);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, pool->lua_pool);
+}
+
+int sl_policy_decide(sl_worker_t *w, sl_pool_t *pool, const sl_http_req_t *req,
+                     const char *request_id, uint32_t attempt, const sl_outcome_t *o,
+                     int64_t *delay_ms, char *err, size_t errlen) {
+  lua_State *L = w->L;
+  int base = lua_gettop(L);
+  *delay_ms = -1;
+  w->hook_req = req;
+  w->hook_request_id = request_id;
+  w->hook_attempt = attempt;
+  push_hook(w, "retry_decide", pool->lua_decide, pool);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->lua_req);
+  lua_pushinteger(L, (lua_Integer)attempt);
+  push_outcome(w, o);
+  int rc = call_hook(w, base, 3, 1, err, errlen);
+  w->hook_req = NULL;
+  if (rc != 0) return -1;
+  int t = lua_type(L, -1);
+  if (t == LUA_TNUMBER && lua_tonumber(L, -1) >= 0) {
+    *delay_ms = (int64_t)lua_tonumber(L, -1);
+  } else if (t != LUA_TNIL && t != LUA_TBOOLEAN) {
+    snprintf(err, errlen, "retry %s: decide returned a %s, expected a delay in ms or nil",
+             pool->conf->retry_policy, lua_typename(L, t));
+    lua_settop(L, base);
+    return -1;
+  }
+  lua_settop(L, base);
+  return 0;
+}
+
+int sl_policy_record(sl_worker_t *w, sl_pool_t *pool, uint32_t idx, const sl_outcome_t *o,
+                     sl_breaker_action_t *action, double *open_ms, char *err, size_t errlen) {
+  lua_State *L = w->L;
+  int base = lua_gettop(L);
+  *action = SL_BREAKER_KEEP;
+  push_hook(w, "breaker_record", pool->lua_record, pool);
+  lua_pushinteger(L, (lua_Integer)idx + 1);
+  push_outcome(w, o);
+  lua_pushnumber(L, (lua_Number)uv_now(w->loop));
+  if (call_hook(w, base, 3, 2, err, errlen) != 0) return -1;
+  const char *a = lua_tostring(L, -2);
+  int rc = 0;
+  if (a && strcmp(a, "open") == 0) {
+    *action = SL_BREAKER_OPEN;
+    *open_ms = lua_tonumber(L, -1);
+    if (!(*open_ms > 0)) {
+      snprintf(err, errlen, "breaker %s: record returned \"open\" without a duration in ms",
+               pool->conf->breaker_policy);
+      *action = SL_BREAKER_KEEP;
+      rc = -1;
+    }
+  } else if (a && strcmp(a, "close") == 0) {
+    *action = SL_BREAKER_CLOSE;
+  } else if (!lua_isnil(L, -2)) {
+    snprintf(err, errlen, "breaker %s: record returned %s, expected nil, \"open\" or \"close\"",
+             pool->conf->breaker_policy, lua_typename(L, lua_type(L, -2)));
+    rc = -1;
+  }
+  lua_settop(L, base);
+  return rc;
 }

@@ -15,8 +15,16 @@ struct sl_http_req;
  * the compiled-in default. */
 const char *sl_lua_dir(void);
 
-/* A new VM with the standard libraries and package.path set to the runtime's lua/ dir. */
+/* A new VM with the standard libraries and package.path set to the runtime's lua/ dir. The JIT
+ * is off and an instruction budget guards every call (see sl_lua_budget_reset). */
 lua_State *sl_lua_newstate(void);
+
+/* Instruction budget. LuaJIT cannot interrupt a compiled loop, so a budget is only enforceable
+ * with the JIT off: the count hook then stops a runaway policy with an error naming its line.
+ * sl_lua_set_mode(L, true, ...) trades that safety for speed. */
+void sl_lua_set_mode(lua_State *L, bool jit, uint64_t budget);
+/* Grants a fresh budget to the next call into Lua on this thread. */
+void sl_lua_budget_reset(void);
 
 /* lua_pcall with a traceback handler. On error writes "file:line: message" (first line of
  * the traceback kept short) into err, pops it, and returns -1. */
@@ -34,5 +42,30 @@ int sl_policy_load(sl_worker_t *w, sl_gen_t *g, const char *kind, const char *na
 int sl_policy_pick(sl_worker_t *w, sl_pool_t *pool, const struct sl_http_req *req,
                    const char *request_id, uint32_t attempt, sl_endpoint_t **out, char *err,
                    size_t errlen);
+
+/* How an attempt ended, as retry and breaker policies see it (the `outcome` table). */
+typedef struct sl_outcome {
+  const char *kind;       /* response | connect_error | connect_timeout | reset | timeout */
+  int status;             /* response status, 0 when there was none */
+  int64_t retry_after_ms; /* from a Retry-After header, -1 when absent */
+  double ttfb_ms;         /* time to first byte, -1 when there was none */
+} sl_outcome_t;
+
+static inline bool sl_outcome_ok(const sl_outcome_t *o) {
+  return o->status > 0 && o->status < 500;
+}
+
+/* Asks the pool's retry policy whether to try again. Returns 0 with *delay_ms set (< 0 means
+ * stop), or -1 with err filled when the policy failed. */
+int sl_policy_decide(sl_worker_t *w, sl_pool_t *pool, const struct sl_http_req *req,
+                     const char *request_id, uint32_t attempt, const sl_outcome_t *o,
+                     int64_t *delay_ms, char *err, size_t errlen);
+
+typedef enum { SL_BREAKER_KEEP = 0, SL_BREAKER_OPEN, SL_BREAKER_CLOSE } sl_breaker_action_t;
+
+/* Reports an attempt's outcome for pool->eps[idx] to the breaker policy. Returns 0 with the
+ * transition it asked for (*open_ms set for SL_BREAKER_OPEN), or -1 with err filled. */
+int sl_policy_record(sl_worker_t *w, sl_pool_t *pool, uint32_t idx, const sl_outcome_t *o,
+                     sl_breaker_action_t *action, double *open_ms, char *err, size_t errlen);
 
 #endif

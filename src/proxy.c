@@ -1,25 +1,29 @@
 #include "proxy.h"
 
+#include "admission.h"
+#include "forward.h"
 #include "log.h"
 #include "policy.h"
 #include "route.h"
 #include "server.h"
 #include "upstream.h"
 
+#include <lauxlib.h>
 #include <stdarg.h>
 #include <stdio.h>
-#include <strings.h>
 #include <stdlib.h>
 
-static void attempt(sl_exchange_t *x);
 static const llhttp_settings_t resp_settings;
 static const sl_upconn_ops_t up_ops;
+static void dispatch(sl_exchange_t *x);
+static void on_timer(uv_timer_t *t);
 
 void sl_proxy_init(sl_exchange_t *x, sl_conn_t *c) {
   memset(x, 0, sizeof(*x));
   x->conn = c;
+  sl_list_init(&x->qlink);
   uv_timer_init(c->w->loop, &x->timer);
-  x->timer.data = c;
+  x->timer.data = x;
 }
 
 void sl_proxy_free(sl_exchange_t *x) {
@@ -29,194 +33,216 @@ void sl_proxy_free(sl_exchange_t *x) {
   free(x->rhdr);
 }
 
+static sl_worker_t *W(const sl_exchange_t *x) { return x->conn->w; }
+
+static sl_outcome_t outcome(const sl_exchange_t *x, const char *kind, int status) {
+  sl_outcome_t o = {.kind = kind, .status = status, .retry_after_ms = -1, .ttfb_ms = -1};
+  if (x->got_bytes) o.ttfb_ms = (double)(x->first_byte_ms - x->attempt_ms);
+  return o;
+}
+
 /* Bookkeeping ------------------------------------------------------------------------------ */
 
-/* Gives back the endpoint slot taken for the current attempt. */
-static void end_attempt(sl_exchange_t *x, bool ok) {
+/* Ends the current attempt: its slot goes back and the breaker hears the outcome (o == NULL:
+ * cancelled by the client, which says nothing about the endpoint). */
+static void end_attempt(sl_exchange_t *x, const sl_outcome_t *o) {
+  if (!x->ep) return;
   sl_endpoint_t *ep = x->ep;
-  if (!ep) return;
-  if (!x->up || !x->up->connected) {
-    /* still waiting for a connection when it ended */
-    if (x->up) ep->view.queued--;
+  if (x->connecting) {
+    ep->view.queued--;
+    x->connecting = false;
   }
-  ep->view.inflight--;
-  if (ok) {
-    ep->view.successes++;
-    ep->view.consecutive_fails = 0;
-  } else {
-    ep->view.fails++;
-    ep->view.consecutive_fails++;
-  }
-  sl_endpoint_update(ep);
   x->ep = NULL;
+  if (o) {
+    sl_admission_release(W(x), x->pool, x->ep_idx, x->probe, o);
+  } else {
+    ep->view.inflight--;
+    if (x->probe && ep->probes) ep->probes--;
+    sl_endpoint_update(ep);
+    sl_admission_wake(W(x));
+  }
+  x->probe = false;
+}
+
+static void set_pool(sl_exchange_t *x, sl_pool_t *pool) {
+  if (x->pool) {
+    x->pool->view.active--;
+    if (x->attempts > 1) x->pool->view.retrying--;
+  }
+  x->pool = pool;
+  if (pool) {
+    pool->view.active++;
+    if (x->attempts > 1) pool->view.retrying++;
+  }
 }
 
 static void end_exchange(sl_exchange_t *x) {
   uv_timer_stop(&x->timer);
+  set_pool(x, NULL);
   if (x->gen) sl_gen_unref(x->gen);
   x->gen = NULL;
-  x->pool = NULL;
   x->active = false;
   x->up = NULL;
-  x->request_id[0] = 0;
+  x->phase = SL_X_IDLE;
 }
 
-static void fail(sl_exchange_t *x, int status, const char *type, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-
 /* Ends the exchange with an error: a JSON error response when nothing was sent yet, otherwise
- * the client connection is cut (a truncated response must not look complete). */
-static void fail(sl_exchange_t *x, int status, const char *type, const char *fmt, ...) {
-  char msg[512];
+ * the client connection is cut (a truncated response must not look complete). The attempt must
+ * already be over. */
+static void respond_error(sl_exchange_t *x, int status, const char *type, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static void respond_error(sl_exchange_t *x, int status, const char *type, const char *fmt, ...) {
+  char msg[600];
   va_list ap;
   va_start(ap, fmt);
   vsnprintf(msg, sizeof(msg), fmt, ap);
   va_end(ap);
   sl_conn_t *c = x->conn;
-  if (x->up) {
-    sl_upconn_close(x->up);
-  }
-  end_attempt(x, false);
   bool sent = x->head_sent;
-  char rid[sizeof(x->request_id)];
-  memcpy(rid, x->request_id, sizeof(rid));
   end_exchange(x);
-  SL_INFO("request %s: %s: %s", rid, type, msg);
+  SL_INFO("request %s: %s: %s", x->request_id, type, msg);
   if (sent) {
     sl_conn_close(c);
     return;
   }
-  memcpy(x->request_id, rid, sizeof(rid)); /* the error response carries the same id */
   const char *extra = status == 503 ? "Retry-After: 1\r\n" : NULL;
   sl_conn_send_error(c, status, type, msg, extra, true);
 }
 
-void sl_proxy_abort(sl_exchange_t *x) {
-  if (!x->active) return;
-  if (x->up) sl_upconn_close(x->up);
-  end_attempt(x, false);
-  end_exchange(x);
-}
+/* Retries -------------------------------------------------------------------------------- */
 
-/* Upstream request ------------------------------------------------------------------------- */
-
-/* True when `name` is listed in one of the request's Connection headers. */
-static bool connection_lists(const sl_http_req_t *r, const char *name, size_t nlen) {
-  for (uint32_t i = 0; i < r->nheaders; i++) {
-    const sl_header_t *h = &r->headers[i];
-    if (!sl_strieq(sl_http_req_str(r, h->name_off), h->name_len, "connection")) continue;
-    const char *v = sl_http_req_str(r, h->value_off), *end = v + h->value_len;
-    while (v < end) {
-      while (v < end && (*v == ' ' || *v == '\t' || *v == ',')) v++;
-      const char *t = v;
-      while (v < end && *v != ',' && *v != ' ' && *v != '\t') v++;
-      if ((size_t)(v - t) == nlen && strncasecmp(t, name, nlen) == 0) return true;
-    }
-  }
-  return false;
-}
-
-/* Hop-by-hop headers (RFC 9110 7.6.1) and those the gateway sets itself. */
-static bool skip_request_header(const char *n, size_t len) {
-  switch (len) {
-  case 2: return sl_strieq(n, len, "te");
-  case 4: return sl_strieq(n, len, "host");
-  case 6: return sl_strieq(n, len, "expect");
-  case 7: return sl_strieq(n, len, "upgrade") || sl_strieq(n, len, "trailer");
-  case 10: return sl_strieq(n, len, "connection") || sl_strieq(n, len, "keep-alive");
-  case 12: return sl_strieq(n, len, "x-request-id");
-  case 14: return sl_strieq(n, len, "content-length");
-  case 15: return sl_strieq(n, len, "x-forwarded-for");
-  case 16: return sl_strieq(n, len, "proxy-connection") || sl_strieq(n, len, "x-forwarded-host");
-  case 17: return sl_strieq(n, len, "transfer-encoding") || sl_strieq(n, len, "x-forwarded-proto");
-  case 19: return sl_strieq(n, len, "proxy-authorization");
-  default: return false;
-  }
-}
-
-static void build_upstream_request(sl_exchange_t *x) {
-  sl_conn_t *c = x->conn;
-  const sl_http_req_t *r = &c->req;
-  sl_buf_t *b = &x->upreq;
-  b->len = 0;
-  const sl_endpoint_t *ep = x->ep;
-  sl_buf_appendf(b, "%s %s%.*s HTTP/1.1\r\n", sl_http_method_str(r->method), ep->path_prefix,
-                 (int)r->url_len, sl_http_req_url(r));
-  const sl_header_t *host = r->host_idx >= 0 ? &r->headers[r->host_idx] : NULL;
-  if (x->pool->conf->preserve_host && host)
-    sl_buf_appendf(b, "Host: %.*s\r\n", (int)host->value_len, sl_http_req_str(r, host->value_off));
-  else
-    sl_buf_appendf(b, "Host: %s\r\n", ep->authority);
-
-  const char *xff = NULL;
-  uint32_t xff_len = 0;
-  for (uint32_t i = 0; i < r->nheaders; i++) {
-    const sl_header_t *h = &r->headers[i];
-    const char *n = sl_http_req_str(r, h->name_off);
-    if (skip_request_header(n, h->name_len)) {
-      if (h->name_len == 15 && !xff) {
-        xff = sl_http_req_str(r, h->value_off);
-        xff_len = h->value_len;
-      }
-      continue;
-    }
-    if (connection_lists(r, n, h->name_len)) continue;
-    sl_buf_append(b, n, h->name_len);
-    sl_buf_append(b, ": ", 2);
-    sl_buf_append(b, sl_http_req_str(r, h->value_off), h->value_len);
-    sl_buf_append(b, "\r\n", 2);
-  }
-  if (xff)
-    sl_buf_appendf(b, "X-Forwarded-For: %.*s, %s\r\n", (int)xff_len, xff, c->peer);
-  else
-    sl_buf_appendf(b, "X-Forwarded-For: %s\r\n", c->peer);
-  sl_buf_appends(b, "X-Forwarded-Proto: http\r\n");
-  if (host && !x->pool->conf->preserve_host)
-    sl_buf_appendf(b, "X-Forwarded-Host: %.*s\r\n", (int)host->value_len,
-                   sl_http_req_str(r, host->value_off));
-  sl_buf_appendf(b, "X-Request-Id: %s\r\n", x->request_id);
-  bool body_method = r->method == HTTP_POST || r->method == HTTP_PUT || r->method == HTTP_PATCH;
-  if (r->body.len || body_method) sl_buf_appendf(b, "Content-Length: %zu\r\n", r->body.len);
-  sl_buf_append(b, "\r\n", 2);
-  sl_buf_append(b, r->body.data, r->body.len);
-}
-
-/* Timers ----------------------------------------------------------------------------------- */
-
-static void on_deadline(uv_timer_t *t) {
-  sl_conn_t *c = t->data;
-  sl_exchange_t *x = &c->x;
-  if (!x->active) return;
-  c->w->stats.upstream_timeouts++;
-  uint64_t now = sl_worker_now(c->w);
+/* Whether the pool's config lets this outcome be retried at all; the retry policy then decides
+ * whether and when. `note` explains a refusal worth telling the client about. */
+static bool may_retry(const sl_exchange_t *x, const sl_outcome_t *o, char *note, size_t nlen) {
   const sl_pool_conf_t *pc = x->pool->conf;
-  bool total = pc->total_timeout_ms && now >= x->start_ms + pc->total_timeout_ms;
-  fail(x, 504, "upstream_timeout", "%s waiting for %s (%s timeout %u ms)",
-       total ? "gave up" : "no response", x->ep ? x->ep->url : "upstream",
-       total ? "total" : "first-byte", total ? pc->total_timeout_ms : pc->first_byte_timeout_ms);
+  if (x->pool->lua_decide == LUA_NOREF || x->head_sent || x->attempts >= SL_MAX_TRIED) return false;
+  bool listed = false;
+  if (!strcmp(o->kind, "response")) listed = sl_pool_conf_retries_status(pc, o->status);
+  else if (!strcmp(o->kind, "connect_error")) listed = pc->retry_kinds & SL_RETRY_CONNECT_ERROR;
+  else if (!strcmp(o->kind, "connect_timeout")) listed = pc->retry_kinds & SL_RETRY_CONNECT_TIMEOUT;
+  else if (!strcmp(o->kind, "reset")) listed = pc->retry_kinds & SL_RETRY_RESET;
+  else if (!strcmp(o->kind, "timeout")) listed = pc->retry_kinds & SL_RETRY_TIMEOUT;
+  if (!listed) return false;
+  size_t body = x->conn->req.body.len;
+  if (body > pc->retry_max_body_bytes) {
+    snprintf(note, nlen, " (not retried: the request body of %zu bytes exceeds retry.max_body_bytes)",
+             body);
+    return false;
+  }
+  return true;
 }
+
+/* Returns the delay before the next attempt, or -1 to stop. */
+static int64_t ask_retry(sl_exchange_t *x, const sl_outcome_t *o) {
+  char err[512];
+  int64_t delay = -1;
+  if (sl_policy_decide(W(x), x->pool, &x->conn->req, x->request_id, x->attempts, o, &delay, err,
+                       sizeof(err)) != 0) {
+    W(x)->stats.policy_errors++;
+    SL_ERROR("policy error (pool %s retry): %s", x->pool->conf->name, err);
+    return -1;
+  }
+  return delay;
+}
+
+/* An attempt failed. Retries when allowed (decided_delay >= 0: already decided; -2: ask the
+ * policy), otherwise answers with the error. */
+static void attempt_failed(sl_exchange_t *x, const sl_outcome_t *o, int64_t decided_delay,
+                           int status, const char *type, const char *fmt, ...)
+    __attribute__((format(printf, 6, 7)));
+static void attempt_failed(sl_exchange_t *x, const sl_outcome_t *o, int64_t decided_delay,
+                           int status, const char *type, const char *fmt, ...) {
+  char msg[400], note[160] = "";
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(msg, sizeof(msg), fmt, ap);
+  va_end(ap);
+  if (x->up) {
+    sl_upconn_close(x->up);
+    x->up = NULL;
+  }
+  const char *url = x->ep ? x->ep->url : "?";
+  end_attempt(x, o);
+  int64_t delay = decided_delay;
+  if (delay == -2) delay = may_retry(x, o, note, sizeof(note)) ? ask_retry(x, o) : -1;
+  if (delay >= 0) {
+    SL_INFO("request %s: attempt %u on %s failed (%s); retrying in %lld ms", x->request_id,
+            x->attempts, url, msg, (long long)delay);
+    x->phase = SL_X_BACKOFF;
+    uv_timer_start(&x->timer, on_timer, (uint64_t)delay, 0);
+    return;
+  }
+  if (x->attempts > 1)
+    respond_error(x, status, type, "%s (after %u attempts)%s", msg, x->attempts, note);
+  else
+    respond_error(x, status, type, "%s%s", msg, note);
+}
+
+/* Deadlines ------------------------------------------------------------------------------ */
 
 static void arm_deadline(sl_exchange_t *x) {
   const sl_pool_conf_t *pc = x->pool->conf;
-  uint64_t now = sl_worker_now(x->conn->w);
+  uint64_t now = sl_worker_now(W(x));
   uint64_t due = UINT64_MAX;
-  if (!x->got_bytes) due = now + pc->first_byte_timeout_ms;
+  if (!x->got_bytes) {
+    uint32_t per_try = pc->retry_per_try_timeout_ms && x->pool->lua_decide != LUA_NOREF
+                           ? SL_MIN(pc->retry_per_try_timeout_ms, pc->first_byte_timeout_ms)
+                           : pc->first_byte_timeout_ms;
+    due = now + per_try;
+  }
   if (pc->total_timeout_ms) due = SL_MIN(due, x->start_ms + pc->total_timeout_ms);
   if (due == UINT64_MAX) {
     uv_timer_stop(&x->timer);
     return;
   }
-  uv_timer_start(&x->timer, on_deadline, due > now ? due - now : 0, 0);
+  uv_timer_start(&x->timer, on_timer, due > now ? due - now : 0, 0);
+}
+
+static void on_upstream_deadline(sl_exchange_t *x) {
+  sl_worker_t *w = W(x);
+  w->stats.upstream_timeouts++;
+  const sl_pool_conf_t *pc = x->pool->conf;
+  uint64_t now = sl_worker_now(w);
+  const char *url = x->ep ? x->ep->url : "upstream";
+  sl_outcome_t o = outcome(x, "timeout", 0);
+  if (pc->total_timeout_ms && now >= x->start_ms + pc->total_timeout_ms) {
+    attempt_failed(x, &o, -1, 504, "upstream_timeout", "gave up waiting for %s (total timeout %u ms)",
+                   url, pc->total_timeout_ms);
+    return;
+  }
+  attempt_failed(x, &o, -2, 504, "upstream_timeout", "no response from %s within %u ms", url,
+                 (unsigned)(now - x->attempt_ms));
+}
+
+static void on_timer(uv_timer_t *t) {
+  sl_exchange_t *x = t->data;
+  if (!x->active) return;
+  switch (x->phase) {
+  case SL_X_QUEUED:
+    sl_admission_dequeue(x->pool, x);
+    respond_error(x, 503, "queue_timeout",
+                  "no endpoint of pool %s became free within %u ms (queue wait timeout)",
+                  x->pool->conf->name, x->pool->conf->queue_timeout_ms);
+    break;
+  case SL_X_BACKOFF:
+    dispatch(x);
+    break;
+  case SL_X_UPSTREAM:
+    on_upstream_deadline(x);
+    break;
+  default:
+    break;
+  }
 }
 
 /* Upstream connection events --------------------------------------------------------------- */
 
 static void send_request(sl_exchange_t *x) {
-  x->ep->view.queued--;
-  sl_endpoint_update(x->ep);
-  x->got_bytes = false;
-  x->message_done = false;
-  x->skip_message = false;
+  if (x->connecting) {
+    x->ep->view.queued--;
+    x->connecting = false;
+  }
+  x->got_bytes = x->message_done = x->skip_message = x->status_retry = false;
   x->nrhdr = 0;
   x->rstr.len = 0;
   x->rfield = 0;
@@ -225,9 +251,9 @@ static void send_request(sl_exchange_t *x) {
   arm_deadline(x);
   int rc = sl_upconn_write(x->up, x->upreq.data, x->upreq.len);
   if (rc < 0) {
-    /* reported by the read side as well; fail here in case it is not */
-    fail(x, 502, "upstream_write_failed", "writing to %s failed: %s", x->ep->url,
-         uv_strerror(rc));
+    sl_outcome_t o = outcome(x, "reset", 0);
+    attempt_failed(x, &o, -2, 502, "upstream_reset", "writing to %s failed: %s", x->ep->url,
+                   uv_strerror(rc));
   }
 }
 
@@ -238,14 +264,17 @@ static void on_up_connected(void *ctx, sl_upconn_t *u, int status) {
     return;
   }
   x->up = NULL; /* already closing */
-  x->ep->view.queued--;
-  x->conn->w->stats.upstream_connect_errors++;
-  if (status == UV_ETIMEDOUT)
-    fail(x, 504, "upstream_connect_timeout", "connecting to %s timed out after %u ms",
-         x->ep->url, x->pool->conf->connect_timeout_ms);
-  else
-    fail(x, 502, "upstream_connect_failed", "connecting to %s failed: %s", x->ep->url,
-         uv_strerror(status));
+  W(x)->stats.upstream_connect_errors++;
+  if (status == UV_ETIMEDOUT) {
+    sl_outcome_t o = outcome(x, "connect_timeout", 0);
+    attempt_failed(x, &o, -2, 504, "upstream_connect_timeout",
+                   "connecting to %s timed out after %u ms", x->ep->url,
+                   x->pool->conf->connect_timeout_ms);
+  } else {
+    sl_outcome_t o = outcome(x, "connect_error", 0);
+    attempt_failed(x, &o, -2, 502, "upstream_connect_failed", "connecting to %s failed: %s",
+                   x->ep->url, uv_strerror(status));
+  }
 }
 
 static void flush_out(sl_exchange_t *x) {
@@ -260,53 +289,80 @@ static void complete(sl_exchange_t *x) {
   sl_conn_t *c = x->conn;
   sl_upconn_release(x->up, x->up_keep);
   x->up = NULL;
-  end_attempt(x, true);
+  sl_outcome_t o = outcome(x, "response", x->status);
+  end_attempt(x, &o);
   c->w->stats.responses[x->status / 100 < 6 ? x->status / 100 : 0]++;
   bool keep = c->req.keep_alive && !x->out_close;
   end_exchange(x);
   sl_conn_response_done(c, keep);
 }
 
+/* Idempotent methods (RFC 9110 9.2.2), or a request carrying an idempotency key. */
+static bool replayable(const sl_http_req_t *r) {
+  switch (r->method) {
+  case HTTP_GET: case HTTP_HEAD: case HTTP_OPTIONS: case HTTP_TRACE: case HTTP_PUT:
+  case HTTP_DELETE:
+    return true;
+  default:
+    return sl_http_req_find(r, "idempotency-key") >= 0;
+  }
+}
+
+static void on_up_eof(sl_exchange_t *x, sl_upconn_t *u, ssize_t n) {
+  if (x->got_bytes && !x->message_done) {
+    /* close-delimited bodies end here */
+    llhttp_errno_t e = llhttp_finish(&x->rp);
+    flush_out(x);
+    if (x->conn->closing) return;
+    if ((e == HPE_OK || e == HPE_PAUSED) && x->message_done) {
+      x->up_keep = false;
+      complete(x);
+      return;
+    }
+  }
+  if (!x->got_bytes && x->reused && !x->stale_retried && replayable(&x->conn->req)) {
+    /* A pooled connection the upstream had closed: nothing was answered, so the request is
+     * re-sent once on a fresh connection to the same endpoint. Only when a second delivery is
+     * harmless: the upstream may have acted on the request before closing. */
+    x->stale_retried = true;
+    sl_upconn_close(u);
+    x->reused = false;
+    x->connecting = true;
+    x->ep->view.queued++;
+    int err = 0;
+    x->up = sl_upconn_acquire(x->ep, x->pool->conf->connect_timeout_ms, &up_ops, x, &err);
+    if (!x->up) {
+      sl_outcome_t o = outcome(x, "connect_error", 0);
+      attempt_failed(x, &o, -2, 502, "upstream_connect_failed", "connecting to %s failed: %s",
+                     x->ep->url, uv_strerror(err));
+    }
+    return;
+  }
+  sl_outcome_t o = outcome(x, "reset", 0);
+  attempt_failed(x, &o, -2, 502, "upstream_reset",
+                 "%s closed the connection before a complete response (%s)", x->ep->url,
+                 n == UV_EOF ? "EOF" : uv_strerror((int)n));
+}
+
 static void on_up_read(void *ctx, sl_upconn_t *u, const char *data, ssize_t n) {
   sl_exchange_t *x = ctx;
   if (n < 0) {
-    if (x->got_bytes && !x->message_done) {
-      /* close-delimited bodies end here */
-      llhttp_errno_t e = llhttp_finish(&x->rp);
-      flush_out(x);
-      if (x->conn->closing) return;
-      if (e == HPE_OK && x->message_done) {
-        complete(x);
-        return;
-      }
-    }
-    if (!x->got_bytes && x->reused && !x->stale_retried) {
-      /* A pooled connection the upstream had closed: nothing was answered, so the request is
-       * re-sent once on a fresh connection to the same endpoint. */
-      x->stale_retried = true;
-      sl_upconn_close(u);
-      x->up = NULL;
-      x->ep->view.queued++;
-      int err = 0;
-      x->reused = false;
-      x->up = sl_upconn_acquire(x->ep, x->pool->conf->connect_timeout_ms, &up_ops, x, &err);
-      if (!x->up) {
-        x->ep->view.queued--;
-        fail(x, 502, "upstream_connect_failed", "connecting to %s failed: %s", x->ep->url,
-             uv_strerror(err));
-      }
-      return;
-    }
-    fail(x, 502, "upstream_reset", "%s closed the connection before a complete response (%s)",
-         x->ep->url, n == UV_EOF ? "EOF" : uv_strerror((int)n));
+    on_up_eof(x, u, n);
     return;
   }
   if (!x->got_bytes) {
     x->got_bytes = true;
-    sl_endpoint_record_ttfb(x->ep, (double)(sl_worker_now(x->conn->w) - x->attempt_ms));
+    x->first_byte_ms = sl_worker_now(W(x));
+    sl_endpoint_record_ttfb(x->ep, (double)(x->first_byte_ms - x->attempt_ms));
     arm_deadline(x);
   }
   llhttp_errno_t e = llhttp_execute(&x->rp, data, (size_t)n);
+  if (x->status_retry) {
+    sl_outcome_t o = outcome(x, "response", x->status);
+    attempt_failed(x, &o, x->retry_delay_ms, 502, "upstream_error", "%s answered %d", x->ep->url,
+                   x->status);
+    return;
+  }
   flush_out(x);
   if (x->conn->closing) return; /* client write failed: the abort already cleaned up */
   if (e == HPE_PAUSED && x->message_done) {
@@ -316,8 +372,9 @@ static void on_up_read(void *ctx, sl_upconn_t *u, const char *data, ssize_t n) {
     return;
   }
   if (e != HPE_OK) {
-    fail(x, 502, "upstream_protocol_error", "invalid response from %s: %s", x->ep->url,
-         llhttp_get_error_reason(&x->rp));
+    sl_outcome_t o = outcome(x, "reset", 0);
+    attempt_failed(x, &o, -2, 502, "upstream_protocol_error", "invalid response from %s: %s",
+                   x->ep->url, llhttp_get_error_reason(&x->rp));
     return;
   }
   if (sl_conn_queued_bytes(x->conn) > sl_server_client_hwm() && !x->up_paused) {
@@ -340,6 +397,7 @@ static const sl_upconn_ops_t up_ops = {
 /* Upstream response parsing ---------------------------------------------------------------- */
 
 #define X(p) ((sl_exchange_t *)(p)->data)
+#define SL_MAX_RESPONSE_HEADER_BYTES (256 * 1024)
 
 static int r_field(llhttp_t *p, const char *at, size_t len) {
   sl_exchange_t *x = X(p);
@@ -353,7 +411,7 @@ static int r_field(llhttp_t *p, const char *at, size_t len) {
     h[1] = h[2] = h[3] = 0;
     x->rfield = 1;
   }
-  if (x->rstr.len + len > 256 * 1024) return -1; /* absurd upstream header section */
+  if (x->rstr.len + len > SL_MAX_RESPONSE_HEADER_BYTES) return -1;
   sl_buf_append(&x->rstr, at, len);
   return 0;
 }
@@ -366,7 +424,7 @@ static int r_value(llhttp_t *p, const char *at, size_t len) {
     h[2] = (uint32_t)x->rstr.len;
     x->rfield = 2;
   }
-  if (x->rstr.len + len > 256 * 1024) return -1;
+  if (x->rstr.len + len > SL_MAX_RESPONSE_HEADER_BYTES) return -1;
   sl_buf_append(&x->rstr, at, len);
   return 0;
 }
@@ -383,33 +441,42 @@ static int r_value_complete(llhttp_t *p) {
   return 0;
 }
 
-static bool upstream_connection_lists(const sl_exchange_t *x, const char *name, size_t nlen) {
+/* Finds a response header value; NULL when absent. */
+static const char *r_header(const sl_exchange_t *x, const char *name, size_t *len) {
   for (uint32_t i = 0; i < x->nrhdr; i++) {
     const uint32_t *h = &x->rhdr[4 * i];
-    if (!sl_strieq(x->rstr.data + h[0], h[1], "connection")) continue;
-    const char *v = x->rstr.data + h[2], *end = v + h[3];
-    while (v < end) {
-      while (v < end && (*v == ' ' || *v == '\t' || *v == ',')) v++;
-      const char *t = v;
-      while (v < end && *v != ',' && *v != ' ' && *v != '\t') v++;
-      if ((size_t)(v - t) == nlen && strncasecmp(t, name, nlen) == 0) return true;
+    if (sl_strieq(x->rstr.data + h[0], h[1], name)) {
+      *len = h[3];
+      return x->rstr.data + h[2];
     }
   }
-  return false;
+  return NULL;
 }
 
-static bool skip_response_header(const char *n, size_t len) {
-  switch (len) {
-  case 2: return sl_strieq(n, len, "te");
-  case 7: return sl_strieq(n, len, "upgrade") || sl_strieq(n, len, "trailer");
-  case 10: return sl_strieq(n, len, "connection") || sl_strieq(n, len, "keep-alive");
-  case 12: return sl_strieq(n, len, "x-request-id");
-  case 14: return sl_strieq(n, len, "content-length");
-  case 16: return sl_strieq(n, len, "proxy-connection");
-  case 17: return sl_strieq(n, len, "transfer-encoding");
-  case 18: return sl_strieq(n, len, "proxy-authenticate");
-  default: return false;
-  }
+static double parse_number(const char *s, size_t len, double fallback) {
+  char tmp[32];
+  if (!s || len == 0 || len >= sizeof(tmp)) return fallback;
+  memcpy(tmp, s, len);
+  tmp[len] = 0;
+  char *end;
+  double v = strtod(tmp, &end);
+  return end != tmp && *end == 0 && v >= 0 ? v : fallback;
+}
+
+/* A retryable status: asks the retry policy now, before anything reaches the client. */
+static bool retry_on_status(sl_exchange_t *x, int status) {
+  char note[160];
+  sl_outcome_t o = outcome(x, "response", status);
+  size_t len = 0;
+  const char *ra = r_header(x, "retry-after", &len);
+  double secs = parse_number(ra, len, -1);
+  if (secs >= 0) o.retry_after_ms = (int64_t)(secs * 1000);
+  if (!may_retry(x, &o, note, sizeof(note))) return false;
+  int64_t delay = ask_retry(x, &o);
+  if (delay < 0) return false;
+  x->status_retry = true;
+  x->retry_delay_ms = delay;
+  return true;
 }
 
 static int r_headers_complete(llhttp_t *p) {
@@ -423,14 +490,21 @@ static int r_headers_complete(llhttp_t *p) {
   x->status = (uint16_t)status;
   /* Decided here: after message completion llhttp has reset the flags it is computed from. */
   x->up_keep = llhttp_should_keep_alive(p);
+  size_t len = 0;
+  const char *load = r_header(x, "x-load", &len);
+  if (load) x->ep->view.reported_load = parse_number(load, len, x->ep->view.reported_load);
+  if (status >= 400 && retry_on_status(x, status)) return HPE_PAUSED;
+
   bool no_body = x->head_request || status == 204 || status == 304;
   bool has_cl = (p->flags & F_CONTENT_LENGTH) && !(p->flags & F_CHUNKED);
+  size_t conn_len = 0;
+  const char *conn_tokens = r_header(x, "connection", &conn_len);
   sl_buf_t *o = &x->out;
   sl_buf_appendf(o, "HTTP/1.1 %d %s\r\n", status, sl_http_status_reason(status));
   for (uint32_t i = 0; i < x->nrhdr; i++) {
     const uint32_t *h = &x->rhdr[4 * i];
     const char *n = x->rstr.data + h[0];
-    if (skip_response_header(n, h[1]) || upstream_connection_lists(x, n, h[1])) continue;
+    if (sl_forward_skip_response_header(n, h[1], conn_tokens, conn_len)) continue;
     sl_buf_append(o, n, h[1]);
     sl_buf_append(o, ": ", 2);
     sl_buf_append(o, x->rstr.data + h[2], h[3]);
@@ -448,7 +522,10 @@ static int r_headers_complete(llhttp_t *p) {
     }
   }
   sl_buf_appendf(o, "x-request-id: %s\r\n", x->request_id);
-  if (!c->req.keep_alive || x->out_close || c->w->draining) sl_buf_appends(o, "Connection: close\r\n");
+  if (!c->req.keep_alive || x->out_close || c->w->draining)
+    sl_buf_appends(o, "Connection: close\r\n");
+  else if (c->req.http_minor == 0)
+    sl_buf_appends(o, "Connection: keep-alive\r\n");
   sl_buf_append(o, "\r\n", 2);
   x->head_sent = true;
   return x->head_request ? 1 : 0;
@@ -484,46 +561,138 @@ static const llhttp_settings_t resp_settings = {
     .on_message_complete = r_message_complete,
 };
 
-/* Starting --------------------------------------------------------------------------------- */
+/* Admission and attempts ------------------------------------------------------------------- */
 
-static void attempt(sl_exchange_t *x) {
-  sl_conn_t *c = x->conn;
-  sl_worker_t *w = c->w;
-  char err[512];
-  sl_endpoint_t *ep = NULL;
+static void start_attempt(sl_exchange_t *x, sl_endpoint_t *ep, uint32_t idx) {
+  sl_worker_t *w = W(x);
   x->attempts++;
-  if (sl_policy_pick(w, x->pool, &c->req, x->request_id, x->attempts, &ep, err, sizeof(err)) !=
-      0) {
-    w->stats.policy_errors++;
-    SL_ERROR("policy error (pool %s): %s", x->pool->conf->name, err);
-    fail(x, 500, "policy_error", "the balancer of pool %s failed; see the gateway log",
-         x->pool->conf->name);
-    return;
-  }
-  if (!ep) {
-    fail(x, 503, "no_endpoint_available", "no endpoint of pool %s can take the request now",
-         x->pool->conf->name);
-    return;
-  }
+  if (x->attempts == 2) x->pool->view.retrying++;
+  if (x->ntried < SL_MAX_TRIED) x->tried[x->ntried++] = ep;
   x->ep = ep;
-  ep->view.inflight++;
+  x->ep_idx = idx;
+  x->probe = sl_admission_take(ep);
+  x->phase = SL_X_UPSTREAM;
+  x->connecting = true;
   ep->view.queued++;
-  sl_endpoint_update(ep);
-  build_upstream_request(x);
+  sl_forward_opts_t fo = {.client_ip = x->conn->peer, .request_id = x->request_id,
+                          .preserve_host = x->pool->conf->preserve_host};
+  sl_forward_request(&x->upreq, &x->conn->req, ep, &fo);
   x->attempt_ms = sl_worker_now(w);
-  x->head_sent = false;
+  x->got_bytes = false;
   x->stale_retried = false;
   int uerr = 0;
   x->up = sl_upconn_acquire(ep, x->pool->conf->connect_timeout_ms, &up_ops, x, &uerr);
   if (!x->up) {
-    ep->view.queued--;
     w->stats.upstream_connect_errors++;
-    fail(x, 502, "upstream_connect_failed", "connecting to %s failed: %s", ep->url,
-         uv_strerror(uerr));
+    sl_outcome_t o = outcome(x, "connect_error", 0);
+    attempt_failed(x, &o, -2, 502, "upstream_connect_failed", "connecting to %s failed: %s",
+                   ep->url, uv_strerror(uerr));
     return;
   }
   x->reused = x->up->connected;
-  if (x->reused) send_request(x);
+  if (x->reused)
+    send_request(x);
+  else
+    arm_deadline(x); /* the total deadline also covers connecting */
+}
+
+static void fallback_or_fail(sl_exchange_t *x) {
+  sl_pool_t *fb = x->pool->fallback;
+  if (fb && !x->fell_back) {
+    SL_INFO("request %s: every endpoint of pool %s is ejected; using fallback pool %s",
+            x->request_id, x->pool->conf->name, fb->conf->name);
+    x->fell_back = true;
+    set_pool(x, fb);
+    x->ntried = 0;
+    dispatch(x);
+    return;
+  }
+  respond_error(x, 503, "no_endpoint_available",
+                "every endpoint of pool %s is ejected by its circuit breaker", x->pool->conf->name);
+}
+
+static sl_pick_result_t pick(sl_exchange_t *x, sl_endpoint_t **ep, uint32_t *idx, char *err,
+                             size_t errlen) {
+  return sl_admission_pick(W(x), x->pool, &x->conn->req, x->request_id, x->attempts + 1u,
+                           x->tried, x->ntried, ep, idx, err, errlen);
+}
+
+/* Acts on a pick other than BUSY. */
+static void act(sl_exchange_t *x, sl_pick_result_t r, sl_endpoint_t *ep, uint32_t idx,
+                const char *err) {
+  switch (r) {
+  case SL_PICK_OK:
+    start_attempt(x, ep, idx);
+    break;
+  case SL_PICK_DOWN:
+    fallback_or_fail(x);
+    break;
+  default:
+    W(x)->stats.policy_errors++;
+    SL_ERROR("policy error (pool %s balancer): %s", x->pool->conf->name, err);
+    respond_error(x, 500, "policy_error", "the balancer of pool %s failed; see the gateway log",
+                  x->pool->conf->name);
+    break;
+  }
+}
+
+static void enqueue(sl_exchange_t *x) {
+  const sl_pool_conf_t *pc = x->pool->conf;
+  if (pc->queue_max == 0) {
+    respond_error(x, 503, "no_endpoint_available",
+                  "no endpoint of pool %s can take the request now", pc->name);
+    return;
+  }
+  if (!sl_admission_enqueue(W(x), x->pool, x)) {
+    respond_error(x, 503, "queue_full", "every endpoint of pool %s is busy and %u requests wait",
+                  pc->name, pc->queue_max);
+    return;
+  }
+  x->phase = SL_X_QUEUED;
+  x->queued_ms = sl_worker_now(W(x));
+  uv_timer_start(&x->timer, on_timer, pc->queue_timeout_ms, 0);
+}
+
+/* Finds an endpoint for the next attempt, or queues. A request never overtakes the pool's
+ * queue: the oldest waiter gets the next free slot. */
+static void dispatch(sl_exchange_t *x) {
+  x->phase = SL_X_IDLE;
+  if (!sl_list_empty(&x->pool->queue)) {
+    enqueue(x);
+    return;
+  }
+  char err[512];
+  sl_endpoint_t *ep = NULL;
+  uint32_t idx = 0;
+  sl_pick_result_t r = pick(x, &ep, &idx, err, sizeof(err));
+  if (r == SL_PICK_BUSY)
+    enqueue(x);
+  else
+    act(x, r, ep, idx, err);
+}
+
+bool sl_proxy_offer_slot(sl_exchange_t *x) {
+  char err[512];
+  sl_endpoint_t *ep = NULL;
+  uint32_t idx = 0;
+  sl_pick_result_t r = pick(x, &ep, &idx, err, sizeof(err));
+  if (r == SL_PICK_BUSY) return false;
+  sl_admission_dequeue(x->pool, x);
+  uv_timer_stop(&x->timer);
+  x->phase = SL_X_IDLE;
+  act(x, r, ep, idx, err);
+  return true;
+}
+
+void sl_proxy_abort(sl_exchange_t *x) {
+  if (!x->active) return;
+  if (x->phase == SL_X_QUEUED) sl_admission_dequeue(x->pool, x);
+  if (x->up) {
+    sl_upconn_close(x->up);
+    x->up = NULL;
+  }
+  end_attempt(x, NULL);
+  end_exchange(x);
 }
 
 void sl_proxy_start(sl_conn_t *c) {
@@ -534,8 +703,8 @@ void sl_proxy_start(sl_conn_t *c) {
   x->gen = sl_gen_ref(w->gen);
   x->start_ms = sl_worker_now(w);
   x->attempts = 0;
-  x->head_sent = false;
-  x->up_paused = false;
+  x->ntried = 0;
+  x->head_sent = x->up_paused = x->fell_back = false;
   x->head_request = r->method == HTTP_HEAD;
   sl_conn_request_id(c);
 
@@ -548,11 +717,10 @@ void sl_proxy_start(sl_conn_t *c) {
   const sl_route_conf_t *route =
       sl_route_match(x->gen->cfg, sl_http_req_url(r), r->path_len, host, host_len);
   if (!route) {
-    x->pool = NULL;
-    fail(x, 404, "route_not_found", "no route for %.*s", (int)SL_MIN(r->path_len, 200),
-         sl_http_req_url(r));
+    respond_error(x, 404, "route_not_found", "no route for %.*s", (int)SL_MIN(r->path_len, 200),
+                  sl_http_req_url(r));
     return;
   }
-  x->pool = &x->gen->pools[route->pool_idx];
-  attempt(x);
+  set_pool(x, &x->gen->pools[route->pool_idx]);
+  dispatch(x);
 }

@@ -20,8 +20,7 @@ static void conn_finish(sl_conn_t *c);
 
 static const sl_config_t *cur_cfg(const sl_conn_t *c) { return c->w->gen->cfg; }
 
-static void on_conn_handle_closed(uv_handle_t *h) {
-  sl_conn_t *c = h->data;
+static void conn_handle_closed(sl_conn_t *c) {
   if (--c->pending_close > 0) return;
   sl_http_req_free(&c->req);
   sl_buf_free(&c->in);
@@ -29,6 +28,11 @@ static void on_conn_handle_closed(uv_handle_t *h) {
   sl_worker_t *w = c->w;
   free(c);
   sl_worker_conn_gone(w);
+}
+
+static void on_conn_handle_closed(uv_handle_t *h) { conn_handle_closed(h->data); }
+static void on_exchange_timer_closed(uv_handle_t *h) {
+  conn_handle_closed(((sl_exchange_t *)h->data)->conn);
 }
 
 void sl_conn_close(sl_conn_t *c) {
@@ -40,7 +44,7 @@ void sl_conn_close(sl_conn_t *c) {
   c->pending_close = 3;
   uv_close((uv_handle_t *)&c->tcp, on_conn_handle_closed);
   uv_close((uv_handle_t *)&c->timer, on_conn_handle_closed);
-  uv_close((uv_handle_t *)&c->x.timer, on_conn_handle_closed);
+  uv_close((uv_handle_t *)&c->x.timer, on_exchange_timer_closed);
 }
 
 size_t sl_conn_queued_bytes(const sl_conn_t *c) {
@@ -137,9 +141,9 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
     }
     return;
   }
-  if (c->state == SL_CONN_READING && c->h1.headers_done)
-    arm(c, cur_cfg(c)->idle_timeout_ms); /* body arriving: an inactivity timeout from here */
   conn_process(c);
+  if (!c->closing && c->state == SL_CONN_READING && c->h1.headers_done)
+    arm(c, cur_cfg(c)->idle_timeout_ms); /* body arriving: an inactivity timeout from here */
 }
 
 static void start_reading(sl_conn_t *c) {
@@ -196,6 +200,7 @@ static void conn_process(sl_conn_t *c) {
 
 void sl_conn_response_done(sl_conn_t *c, bool keep_alive) {
   if (c->closing) return;
+  c->x.request_id[0] = 0;
   sl_http_req_reset(&c->req);
   sl_h1_next(&c->h1);
   if (!keep_alive || c->w->draining) {
@@ -245,6 +250,7 @@ void sl_conn_send_error(sl_conn_t *c, int status, const char *type, const char *
   sl_worker_t *w = c->w;
   w->stats.responses[status / 100 < 6 ? status / 100 : 0]++;
   const char *rid = sl_conn_request_id(c);
+  keep_alive = keep_alive && c->req.keep_alive && !c->w->draining;
   sl_buf_t body, out;
   sl_buf_init(&body);
   sl_buf_init(&out);
@@ -259,12 +265,13 @@ void sl_conn_send_error(sl_conn_t *c, int status, const char *type, const char *
                  "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n"
                  "x-request-id: %s\r\n%s%s\r\n",
                  status, sl_http_status_reason(status), body.len, rid, extra ? extra : "",
-                 keep_alive ? "" : "Connection: close\r\n");
+                 !keep_alive ? "Connection: close\r\n"
+                 : c->req.http_minor == 0 && c->req.http_major == 1 ? "Connection: keep-alive\r\n"
+                 : "");
   if (c->req.method != HTTP_HEAD) sl_buf_append(&out, body.data, body.len);
   sl_conn_write(c, out.data, out.len);
   sl_buf_free(&body);
   sl_buf_free(&out);
-  c->x.request_id[0] = 0;
   sl_conn_response_done(c, keep_alive && c->req.keep_alive);
 }
 

@@ -36,6 +36,8 @@ static void free_pools(sl_gen_t *g) {
     free(p->eps);
     luaL_unref(L, LUA_REGISTRYINDEX, p->lua_pool);
     luaL_unref(L, LUA_REGISTRYINDEX, p->lua_pick);
+    luaL_unref(L, LUA_REGISTRYINDEX, p->lua_decide);
+    luaL_unref(L, LUA_REGISTRYINDEX, p->lua_record);
   }
   free(g->pools);
   luaL_unref(L, LUA_REGISTRYINDEX, g->lua_ctx);
@@ -58,18 +60,37 @@ static int build_pool_table(sl_worker_t *w, sl_gen_t *g, sl_pool_t *p, int cfg_i
   lua_getfield(L, -1, "make_pool");
   lua_remove(L, -2);
   lua_pushstring(L, p->conf->name);
-  /* options = cfg.pools[name].balancer_options */
+  /* options, retry, breaker = cfg.pools[name].{balancer_options, retry, breaker} */
   lua_getfield(L, cfg_idx, "pools");
   lua_getfield(L, -1, p->conf->name);
-  lua_getfield(L, -1, "balancer_options");
-  lua_replace(L, -3);
-  lua_pop(L, 1);
-  luaL_checkstack(L, (int)p->n + 4, "too many endpoints");
-  for (uint32_t i = 0; i < p->n; i++) lua_pushlightuserdata(L, p->eps[i]);
-  if (sl_lua_pcall(L, 2 + (int)p->n, 1, err, errlen) != 0) return -1;
+  int pc = lua_gettop(L);
+  lua_getfield(L, pc, "balancer_options");
+  lua_getfield(L, pc, "retry");
+  lua_getfield(L, pc, "breaker");
+  lua_remove(L, pc);
+  lua_remove(L, pc - 1);
+  lua_pushlightuserdata(L, &p->view);
+  luaL_checkstack(L, 2 * (int)p->n + 8, "too many endpoints");
+  for (uint32_t i = 0; i < p->n; i++) {
+    lua_pushlightuserdata(L, p->eps[i]);
+    lua_pushstring(L, p->eps[i]->url);
+  }
+  if (sl_lua_pcall(L, 5 + 2 * (int)p->n, 1, err, errlen) != 0) return -1;
   p->lua_pool = luaL_ref(L, LUA_REGISTRYINDEX);
   (void)g;
   return 0;
+}
+
+/* Loads a policy a pool names; a failure names the config key as well as the policy's error. */
+static int load_policy(sl_worker_t *w, sl_gen_t *g, sl_pool_t *p, const char *kind,
+                       const char *name, char *err, size_t errlen) {
+  char perr[1024];
+  if (sl_policy_load(w, g, kind, name, perr, sizeof(perr)) == 0) return 0;
+  char path[300];
+  snprintf(path, sizeof(path), "pools.%s.%s%s", p->conf->name, kind,
+           strcmp(kind, "balancer") == 0 ? "" : ".policy");
+  sl_config_error(w->L, g->cfg, path, perr, err, errlen);
+  return -1;
 }
 
 sl_gen_t *sl_gen_build(sl_worker_t *w, sl_config_t *cfg, char *err, size_t errlen) {
@@ -105,7 +126,10 @@ sl_gen_t *sl_gen_build(sl_worker_t *w, sl_config_t *cfg, char *err, size_t errle
   for (uint32_t i = 0; i < cfg->npools; i++) {
     sl_pool_t *p = &g->pools[i];
     p->conf = &cfg->pools[i];
-    p->lua_pool = p->lua_pick = LUA_NOREF;
+    p->lua_pool = p->lua_pick = p->lua_decide = p->lua_record = LUA_NOREF;
+    sl_list_init(&p->queue);
+    sl_list_init(&p->waiting);
+    if (p->conf->fallback_idx >= 0) p->fallback = &g->pools[p->conf->fallback_idx];
     p->eps = sl_calloc(p->conf->nendpoints, sizeof(sl_endpoint_t *));
     for (uint32_t j = 0; j < p->conf->nendpoints; j++) {
       const sl_endpoint_conf_t *ec = &p->conf->endpoints[j];
@@ -114,10 +138,22 @@ sl_gen_t *sl_gen_build(sl_worker_t *w, sl_config_t *cfg, char *err, size_t errle
       if (!ep) goto fail;
       p->eps[p->n++] = ep;
     }
-    if (sl_policy_load(w, g, "balancer", p->conf->balancer, err, errlen) != 0) goto fail;
+    if (load_policy(w, g, p, "balancer", p->conf->balancer, err, errlen) != 0) goto fail;
     lua_getfield(L, -1, "pick");
     p->lua_pick = luaL_ref(L, LUA_REGISTRYINDEX);
     lua_pop(L, 1);
+    if (p->conf->retry_enabled) {
+      if (load_policy(w, g, p, "retry", p->conf->retry_policy, err, errlen) != 0) goto fail;
+      lua_getfield(L, -1, "decide");
+      p->lua_decide = luaL_ref(L, LUA_REGISTRYINDEX);
+      lua_pop(L, 1);
+    }
+    if (p->conf->breaker_enabled) {
+      if (load_policy(w, g, p, "breaker", p->conf->breaker_policy, err, errlen) != 0) goto fail;
+      lua_getfield(L, -1, "record");
+      p->lua_record = luaL_ref(L, LUA_REGISTRYINDEX);
+      lua_pop(L, 1);
+    }
     if (build_pool_table(w, g, p, cfg_idx, err, errlen) != 0) goto fail;
   }
   lua_settop(L, top);
@@ -130,17 +166,32 @@ fail:
   return NULL;
 }
 
-/* Endpoint settings that come from pools: applied when a generation becomes current. */
+/* Endpoint settings that come from pools, applied when a generation becomes current. An
+ * endpoint listed by several pools is one upstream instance with one queue, so its settings
+ * are merged: the tightest max_inflight, the most idle connections, the shortest idle time. */
 void sl_gen_activate(sl_gen_t *g) {
-  for (uint32_t i = 0; i < g->cfg->npools; i++) {
-    sl_pool_t *p = &g->pools[i];
-    for (uint32_t j = 0; j < p->n; j++) {
-      sl_endpoint_t *ep = p->eps[j];
-      ep->view.weight = (int32_t)p->conf->endpoints[j].weight;
-      ep->view.max_inflight = (int32_t)p->conf->max_inflight;
-      ep->max_idle = p->conf->keepalive_max_idle;
-      ep->idle_timeout_ms = p->conf->keepalive_idle_timeout_ms;
-      sl_endpoint_update(ep);
+  for (uint32_t pass = 0; pass < 2; pass++) {
+    for (uint32_t i = 0; i < g->cfg->npools; i++) {
+      sl_pool_t *p = &g->pools[i];
+      const sl_pool_conf_t *pc = p->conf;
+      for (uint32_t j = 0; j < p->n; j++) {
+        sl_endpoint_t *ep = p->eps[j];
+        if (pass == 0) { /* reset to neutral values, then merge */
+          ep->view.max_inflight = 0;
+          ep->max_idle = 0;
+          ep->idle_timeout_ms = UINT32_MAX;
+          ep->probes_max = 1;
+          continue;
+        }
+        ep->view.weight = (int32_t)pc->endpoints[j].weight;
+        int32_t mi = (int32_t)pc->max_inflight;
+        if (mi && (ep->view.max_inflight == 0 || mi < ep->view.max_inflight))
+          ep->view.max_inflight = mi;
+        ep->max_idle = SL_MAX(ep->max_idle, pc->keepalive_max_idle);
+        ep->idle_timeout_ms = SL_MIN(ep->idle_timeout_ms, pc->keepalive_idle_timeout_ms);
+        if (pc->breaker_enabled) ep->probes_max = SL_MAX(ep->probes_max, pc->breaker_probes);
+        sl_endpoint_update(ep);
+      }
     }
   }
 }

@@ -18,8 +18,14 @@ typedef struct sl_pool {
   const sl_pool_conf_t *conf;
   sl_endpoint_t **eps;
   uint32_t n;
-  int lua_pool; /* registry ref: the pool table handed to the balancer */
-  int lua_pick; /* registry ref: balancer.pick */
+  struct sl_pool *fallback;
+  sl_pool_view_t view; /* pool.stats for policies */
+  sl_list_t queue;     /* sl_exchange_t waiting for a slot, oldest first */
+  sl_list_t waiting;   /* in worker->waiting_pools while the queue is not empty */
+  int lua_pool;        /* registry ref: the pool table handed to policies */
+  int lua_pick;        /* registry ref: balancer.pick */
+  int lua_decide;      /* registry ref: retry.decide, or LUA_NOREF */
+  int lua_record;      /* registry ref: breaker.record, or LUA_NOREF */
 } sl_pool_t;
 
 /* A generation: a config and the policies loaded for it. Requests hold a reference so they
@@ -56,7 +62,14 @@ typedef struct sl_worker {
   const struct sl_http_req *hook_req;
   const char *hook_request_id;
   uint32_t hook_attempt;
-  int lua_req; /* registry ref: the reusable req object */
+  int lua_req;       /* registry ref: the reusable req object */
+  int lua_traceback; /* registry ref: message handler for hot-path pcalls */
+
+  sl_list_t waiting_pools; /* pools with queued requests, of any generation */
+  uv_check_t dispatcher;    /* hands freed slots to queued requests after I/O callbacks */
+  bool dispatch_pending;
+  int lua_outcome; /* registry ref: reusable outcome table */
+  int lua_hooks;   /* registry ref: runtime module (trampolines) */
 
   uint64_t rng[2];
   bool draining;

@@ -111,6 +111,13 @@ end
 
 local policy_name = "^[%a_][%w_%-]*$"
 
+local RETRY_KINDS = { connect_error = true, connect_timeout = true, reset = true, timeout = true }
+local function retry_condition(v, path)
+  if type(v) == "number" and v % 1 == 0 and v >= 400 and v <= 599 then return v end
+  if type(v) == "string" and RETRY_KINDS[v] then return v end
+  fail(path, "expected connect_error, connect_timeout, reset, timeout or a status 400..599, got " .. describe(v))
+end
+
 -- Schema ---------------------------------------------------------------------------------
 
 local pool_schema = record({
@@ -118,24 +125,37 @@ local pool_schema = record({
   balancer = str("least_inflight", policy_name, "a policy name"),
   balancer_options = any_table(),
   max_inflight = int(0, 1000000, 0),
-  queue = record({ max = int(0, 1000000, 0), timeout_ms = int(1, 3600000, 2000) }),
+  queue = record({ max = int(0, 1000000, 128), timeout_ms = int(1, 3600000, 2000) }),
   timeout_ms = record({
     connect = int(1, 3600000, 2000),
     first_byte = int(1, 86400000, 60000),
     total = int(0, 86400000, 0),
   }),
   keepalive = record({ max_idle = int(0, 100000, 64), idle_timeout_ms = int(1, 86400000, 60000) }),
+  -- retry and breaker are off unless the pool configures them (false also disables).
   retry = record({
     policy = str("exponential", policy_name, "a policy name"),
-    attempts = int(1, 100, 2),
+    attempts = int(1, 100, 3),
     base_ms = int(0, 600000, 25),
     max_ms = int(0, 600000, 250),
-  }),
+    retry_on = array(custom(retry_condition), { default = { "connect_error", "reset", 502, 503 } }),
+    retry_after_max_ms = int(0, 600000, 2000),
+    per_try_timeout_ms = int(0, 86400000, 0),
+    budget_ratio = num(0, 1, 0.2),
+    budget_min = int(0, 1000000, 3),
+    max_body_bytes = int(0, 2 ^ 40, 1024 * 1024),
+  }, false),
   breaker = record({
     policy = str("consecutive", policy_name, "a policy name"),
     failures = int(1, 1000000, 5),
+    failure_rate = num(0, 1, 0.5),
+    window_ms = int(1, 86400000, 10000),
+    min_requests = int(1, 1000000, 20),
     open_ms = int(1, 86400000, 30000),
-  }),
+    max_open_ms = int(1, 86400000, 300000),
+    half_open_probes = int(1, 1000, 1),
+    max_ejected_share = num(0, 1, 0.5),
+  }, false),
   fallback = str(nil, "^[%w_%-]+$", "a pool name"),
   preserve_host = bool(false),
 })
@@ -153,6 +173,7 @@ local schema = record({
   policies = str("policies"),
   log_level = enum({ "error", "warn", "info", "debug" }, "info"),
   access_log = bool(false),
+  lua = record({ jit = bool(false), instruction_budget = int(1000, 2 ^ 40, 1000000) }),
   cache = record({ max_bytes = int(0, 2 ^ 40, 64 * 1024 * 1024) }),
   limits = record({
     max_header_bytes = int(256, 1048576, 32768),
@@ -193,6 +214,7 @@ function check(spec, v, path)
   if v == nil then
     if k == "record" and spec.default == nil then v = {} else return default_of(spec) end
   end
+  if v == false and k == "record" and spec.default == false then return false end
   if k == "integer" or k == "number" then
     if type(v) ~= "number" or (k == "integer" and v % 1 ~= 0) then
       fail(path, "expected " .. (k == "integer" and "an integer" or "a number") .. ", got " .. describe(v))

@@ -65,7 +65,7 @@ function M.run(path, ctx)
 end
 
 -- Loads policies/<kind>/<name>.lua and checks it has the hooks its kind requires.
-local REQUIRED = { balancer = { "pick" } }
+local REQUIRED = { balancer = { "pick" }, retry = { "decide" }, breaker = { "record" } }
 
 function M.load_policy(dir, kind, name, ctx)
   local path = dir .. "/" .. kind .. "/" .. name .. ".lua"
