@@ -266,6 +266,7 @@ static void extract(lua_State *L, int idx, sl_config_t *c) {
   c->log_level = sl_log_level_parse(lvl);
   free(lvl);
   c->access_log = get_bool(L, idx, "access_log");
+  c->watch = get_bool(L, idx, "watch");
   t = push_sub(L, idx, "lua");
   c->lua_jit = get_bool(L, t, "jit");
   c->lua_budget = (uint64_t)get_int(L, t, "instruction_budget");
@@ -316,6 +317,7 @@ static void extract(lua_State *L, int idx, sl_config_t *c) {
 
 sl_config_t *sl_config_load(const char *file, char *err, size_t errlen) {
   sl_config_t *c = sl_calloc(1, sizeof(*c));
+  c->refs = 1;
   c->file = sl_strdup(file);
   const char *slash = strrchr(file, '/');
   c->dir = slash ? sl_strndup(file, (size_t)(slash - file)) : sl_strdup(".");

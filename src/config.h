@@ -66,6 +66,7 @@ typedef struct sl_listen_conf {
 } sl_listen_conf_t;
 
 typedef struct sl_config {
+  uint32_t refs;      /* the gateway's current config and each generation built from it */
   char *file;         /* path as given */
   char *dir;          /* directory of the file; relative paths are resolved against it */
   char *source;       /* file contents, so every worker builds from the same bytes */
@@ -77,6 +78,7 @@ typedef struct sl_config {
   char *policies_dir; /* absolute or relative to cwd */
   int log_level;
   bool access_log;
+  bool watch;                  /* reload on changes to the config file or policies */
   bool lua_jit;                /* compile policies (fast; runaway loops cannot be stopped) */
   uint64_t lua_budget;         /* instructions per call into a policy */
   sl_h1_limits_t limits;
@@ -100,5 +102,12 @@ void sl_config_error(lua_State *L, const sl_config_t *cfg, const char *path, con
                      char *err, size_t errlen);
 int sl_config_pool_index(const sl_config_t *cfg, const char *name);
 void sl_config_free(sl_config_t *cfg);
+static inline sl_config_t *sl_config_ref(sl_config_t *cfg) {
+  cfg->refs++;
+  return cfg;
+}
+static inline void sl_config_unref(sl_config_t *cfg) {
+  if (cfg && --cfg->refs == 0) sl_config_free(cfg);
+}
 
 #endif

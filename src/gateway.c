@@ -1,12 +1,14 @@
 /* The public sluice_t: a config, and the worker that serves it on the host's loop. */
 #include "sluice.h"
 
+#include "admin.h"
 #include "admission.h"
 #include "config.h"
 #include "io.h"
 #include "log.h"
 #include "policy.h"
 #include "server.h"
+#include "watch.h"
 #include "worker.h"
 
 #include <lauxlib.h>
@@ -21,6 +23,7 @@ struct sluice {
   sl_worker_t *worker;
   bool started, stopping, stopped;
   bool log_level_forced;
+  sl_watch_t *watch;
   void (*stop_done)(sluice_t *, void *);
   void *stop_arg;
   char error[2048];
@@ -90,36 +93,99 @@ int sluice_new(uv_loop_t *loop, sluice_t **out) {
   return 0;
 }
 
+/* Builds a generation for cfg and makes it current. On failure the running generation stays
+ * and the error is in s->error. */
+static int activate(sluice_t *s, sl_config_t *cfg) {
+  sl_worker_t *w = s->worker;
+  sl_gen_t *g = sl_gen_build(w, cfg, s->error, sizeof(s->error));
+  if (!g) return SLUICE_EPOLICY;
+  sl_gen_t *old = w->gen;
+  w->gen = g;
+  sl_gen_activate(g);
+  if (old) sl_gen_unref(old); /* in-flight requests hold their own references */
+  sl_config_t *old_cfg = s->cfg;
+  s->cfg = sl_config_ref(cfg);
+  if (old_cfg) sl_config_unref(old_cfg);
+  if (forced_log_level < 0) sl_log_level = cfg->log_level;
+  return 0;
+}
+
 int sluice_load_file(sluice_t *s, const char *path) {
   if (s->started) {
-    snprintf(s->error, sizeof(s->error), "sluice_load_file: already started (reload instead)");
+    snprintf(s->error, sizeof(s->error), "sluice_load_file: already started (use sluice_reload)");
     return SLUICE_ESTATE;
   }
   sl_config_t *cfg = sl_config_load(path, s->error, sizeof(s->error));
   if (!cfg) return SLUICE_ECONFIG;
-  if (forced_log_level < 0) sl_log_level = cfg->log_level;
   if (!s->worker) {
     s->worker = worker_new(s->loop, s->error, sizeof(s->error));
     if (!s->worker) {
-      sl_config_free(cfg);
+      sl_config_unref(cfg);
       return SLUICE_EPOLICY;
     }
-    s->worker->gw = (struct sl_gateway *)s;
+    s->worker->gw = s;
   }
   sl_lua_set_mode(s->worker->L, cfg->lua_jit, cfg->lua_budget);
   if (cfg->lua_jit) SL_WARN("lua.jit = true: policies are compiled; a runaway loop cannot be stopped");
-  sl_gen_t *g = sl_gen_build(s->worker, cfg, s->error, sizeof(s->error));
-  if (!g) {
-    sl_config_free(cfg);
-    return SLUICE_EPOLICY;
+  int rc = activate(s, cfg);
+  sl_config_unref(cfg);
+  return rc;
+}
+
+/* Settings a reload cannot change: they shape sockets and threads made at start. */
+static void warn_restart_only(const sl_config_t *old, const sl_config_t *cfg) {
+  bool same_listen = old->nlisten == cfg->nlisten;
+  for (uint32_t i = 0; same_listen && i < cfg->nlisten; i++)
+    same_listen = strcmp(old->listen[i].addr, cfg->listen[i].addr) == 0;
+  if (!same_listen) SL_WARN("reload: listen changed; takes effect after a restart");
+  if ((old->admin.addr == NULL) != (cfg->admin.addr == NULL) ||
+      (cfg->admin.addr && strcmp(old->admin.addr, cfg->admin.addr) != 0))
+    SL_WARN("reload: admin changed; takes effect after a restart");
+  if (old->workers != cfg->workers) SL_WARN("reload: workers changed; takes effect after a restart");
+  if (old->lua_jit != cfg->lua_jit) SL_WARN("reload: lua.jit changed; takes effect after a restart");
+}
+
+int sluice_reload(sluice_t *s) {
+  if (!s->worker || !s->cfg || s->stopping) {
+    snprintf(s->error, sizeof(s->error), "sluice_reload: %s", s->stopping ? "stopping" : "no config loaded");
+    return SLUICE_ESTATE;
   }
-  if (s->worker->gen) sl_gen_unref(s->worker->gen);
-  if (s->cfg) sl_config_free(s->cfg);
-  s->cfg = cfg;
-  s->worker->gen = g;
-  sl_gen_activate(g);
+  sl_worker_t *w = s->worker;
+  uint64_t before = w->gen->id;
+  sl_config_t *cfg = sl_config_load(s->cfg->file, s->error, sizeof(s->error));
+  int rc = cfg ? 0 : SLUICE_ECONFIG;
+  if (cfg) {
+    warn_restart_only(s->cfg, cfg);
+    rc = activate(s, cfg);
+    sl_config_unref(cfg);
+  }
+  if (rc != 0) {
+    w->stats.reloads_failed++;
+    SL_ERROR("reload failed, generation %llu keeps running: %s", (unsigned long long)before,
+             s->error);
+    return rc;
+  }
+  w->stats.reloads_ok++;
+  SL_INFO("reload: generation %llu active", (unsigned long long)w->gen->id);
+  if (s->watch) sl_watch_refresh(s->watch, s->cfg->policies_dir);
   return 0;
 }
+
+int sl_gateway_reload(void *gateway, char *err, size_t errlen, unsigned long long *generation) {
+  sluice_t *s = gateway;
+  if (sluice_reload(s) != 0) {
+    snprintf(err, errlen, "%s", s->error);
+    return -1;
+  }
+  *generation = (unsigned long long)s->worker->gen->id;
+  return 0;
+}
+
+uint64_t sluice_generation(const sluice_t *s) {
+  return s->worker && s->worker->gen ? s->worker->gen->id : 0;
+}
+
+static void on_watch(void *arg) { sluice_reload(arg); }
 
 int sluice_start(sluice_t *s) {
   if (!s->cfg || s->started) {
@@ -130,6 +196,8 @@ int sluice_start(sluice_t *s) {
   int rc = sl_server_listen(s->worker, s->cfg, s->error, sizeof(s->error));
   if (rc != 0) return SLUICE_ELISTEN;
   s->started = true;
+  if (s->cfg->watch)
+    s->watch = sl_watch_start(s->loop, s->cfg->file, s->cfg->policies_dir, 150, on_watch, s);
   return 0;
 }
 
@@ -164,6 +232,8 @@ void sl_worker_conn_gone(sl_worker_t *w) {
 int sluice_stop(sluice_t *s, void (*done)(sluice_t *, void *), void *arg) {
   if (!s->worker || s->stopping) return SLUICE_ESTATE;
   s->stopping = true;
+  sl_watch_stop(s->watch);
+  s->watch = NULL;
   s->stop_done = done;
   s->stop_arg = arg;
   sl_worker_t *w = s->worker;
@@ -193,7 +263,7 @@ void sluice_free(sluice_t *s) {
     }
     worker_free(s->worker);
   }
-  sl_config_free(s->cfg);
+  sl_config_unref(s->cfg);
   free(s);
 }
 
@@ -216,6 +286,6 @@ int sluice_check_file(const char *path, char *err, size_t errlen) {
   }
   uv_run(&loop, UV_RUN_DEFAULT);
   uv_loop_close(&loop);
-  sl_config_free(cfg);
+  sl_config_unref(cfg);
   return rc;
 }

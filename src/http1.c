@@ -330,6 +330,7 @@ const char *sl_http_status_reason(int status) {
   case 408: return "Request Timeout";
   case 413: return "Content Too Large";
   case 417: return "Expectation Failed";
+  case 422: return "Unprocessable Content";
   case 429: return "Too Many Requests";
   case 431: return "Request Header Fields Too Large";
   case 500: return "Internal Server Error";

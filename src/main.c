@@ -16,13 +16,14 @@ static void usage(FILE *f) {
           "  -v, --version        print the version and exit\n"
           "  -h, --help           this text\n"
           "\n"
-          "Signals: SIGINT/SIGTERM stop accepting, finish in-flight requests, exit 0.\n");
+          "Signals: SIGINT/SIGTERM stop accepting, finish in-flight requests, exit 0;\n"
+          "         SIGHUP reloads the config and policies (the running version stays on error).\n");
 }
 
 typedef struct app {
   uv_loop_t *loop;
   sluice_t *s;
-  uv_signal_t sigint, sigterm;
+  uv_signal_t sigint, sigterm, sighup;
   int stopping;
 } app_t;
 
@@ -30,6 +31,12 @@ static void on_stopped(sluice_t *s, void *arg) {
   app_t *a = arg;
   uv_close((uv_handle_t *)&a->sigint, NULL);
   uv_close((uv_handle_t *)&a->sigterm, NULL);
+  uv_close((uv_handle_t *)&a->sighup, NULL);
+}
+
+static void on_sighup(uv_signal_t *h, int signum) {
+  app_t *a = h->data;
+  if (!a->stopping) sluice_reload(a->s); /* logs the outcome */
 }
 
 static void on_signal(uv_signal_t *h, int signum) {
@@ -94,9 +101,11 @@ int main(int argc, char **argv) {
   /* Handlers first: a signal that arrives once "listening" is logged must drain, not kill. */
   uv_signal_init(a.loop, &a.sigint);
   uv_signal_init(a.loop, &a.sigterm);
-  a.sigint.data = a.sigterm.data = &a;
+  uv_signal_init(a.loop, &a.sighup);
+  a.sigint.data = a.sigterm.data = a.sighup.data = &a;
   uv_signal_start(&a.sigint, on_signal, SIGINT);
   uv_signal_start(&a.sigterm, on_signal, SIGTERM);
+  uv_signal_start(&a.sighup, on_sighup, SIGHUP);
   int rc = sluice_load_file(a.s, config);
   if (rc == 0) rc = sluice_start(a.s);
   if (rc != 0) {
@@ -104,6 +113,7 @@ int main(int argc, char **argv) {
     sluice_free(a.s);
     uv_close((uv_handle_t *)&a.sigint, NULL);
     uv_close((uv_handle_t *)&a.sigterm, NULL);
+    uv_close((uv_handle_t *)&a.sighup, NULL);
     uv_run(a.loop, UV_RUN_DEFAULT);
     return 1;
   }

@@ -1,5 +1,6 @@
 #include "server.h"
 
+#include "admin.h"
 #include "io.h"
 #include "log.h"
 
@@ -191,6 +192,10 @@ static void conn_process(sl_conn_t *c) {
     uv_timer_stop(&c->timer);
     c->state = SL_CONN_BUSY;
     c->nrequests++;
+    if (c->admin) {
+      sl_admin_handle(c);
+      continue;
+    }
     c->w->stats.requests++;
     sl_proxy_start(c);
   }
@@ -244,16 +249,33 @@ const char *sl_conn_request_id(sl_conn_t *c) {
   return id;
 }
 
+void sl_conn_send(sl_conn_t *c, int status, const char *content_type, const char *body,
+                  size_t len, const char *extra, bool keep_alive) {
+  if (c->closing) return;
+  if (!c->admin) c->w->stats.responses[status / 100 < 6 ? status / 100 : 0]++;
+  const char *rid = sl_conn_request_id(c);
+  keep_alive = keep_alive && c->req.keep_alive && !c->w->draining;
+  sl_buf_t out;
+  sl_buf_init(&out);
+  sl_buf_appendf(&out,
+                 "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
+                 "x-request-id: %s\r\n%s%s\r\n",
+                 status, sl_http_status_reason(status), content_type, len, rid, extra ? extra : "",
+                 !keep_alive ? "Connection: close\r\n"
+                 : c->req.http_minor == 0 && c->req.http_major == 1 ? "Connection: keep-alive\r\n"
+                 : "");
+  if (c->req.method != HTTP_HEAD) sl_buf_append(&out, body, len);
+  sl_conn_write(c, out.data, out.len);
+  sl_buf_free(&out);
+  sl_conn_response_done(c, keep_alive);
+}
+
 void sl_conn_send_error(sl_conn_t *c, int status, const char *type, const char *msg,
                         const char *extra, bool keep_alive) {
   if (c->closing) return;
-  sl_worker_t *w = c->w;
-  w->stats.responses[status / 100 < 6 ? status / 100 : 0]++;
   const char *rid = sl_conn_request_id(c);
-  keep_alive = keep_alive && c->req.keep_alive && !c->w->draining;
-  sl_buf_t body, out;
+  sl_buf_t body;
   sl_buf_init(&body);
-  sl_buf_init(&out);
   sl_buf_appends(&body, "{\"error\":{\"type\":\"");
   sl_buf_append_json_str(&body, type, strlen(type));
   sl_buf_appends(&body, "\",\"message\":\"");
@@ -261,30 +283,22 @@ void sl_conn_send_error(sl_conn_t *c, int status, const char *type, const char *
   sl_buf_appends(&body, "\",\"request_id\":\"");
   sl_buf_append_json_str(&body, rid, strlen(rid));
   sl_buf_appends(&body, "\"}}\n");
-  sl_buf_appendf(&out,
-                 "HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %zu\r\n"
-                 "x-request-id: %s\r\n%s%s\r\n",
-                 status, sl_http_status_reason(status), body.len, rid, extra ? extra : "",
-                 !keep_alive ? "Connection: close\r\n"
-                 : c->req.http_minor == 0 && c->req.http_major == 1 ? "Connection: keep-alive\r\n"
-                 : "");
-  if (c->req.method != HTTP_HEAD) sl_buf_append(&out, body.data, body.len);
-  sl_conn_write(c, out.data, out.len);
+  sl_conn_send(c, status, "application/json", body.data, body.len, extra, keep_alive);
   sl_buf_free(&body);
-  sl_buf_free(&out);
-  sl_conn_response_done(c, keep_alive && c->req.keep_alive);
 }
 
 /* Accepting -------------------------------------------------------------------------------- */
 
 static void on_connection(uv_stream_t *server, int status) {
-  sl_worker_t *w = server->data;
+  sl_listener_t *l = server->data;
+  sl_worker_t *w = l->w;
   if (status < 0) {
     SL_WARN("accept: %s", uv_strerror(status));
     return;
   }
   sl_conn_t *c = sl_calloc(1, sizeof(*c));
   c->w = w;
+  c->admin = l->admin;
   uv_tcp_init(w->loop, &c->tcp);
   uv_timer_init(w->loop, &c->timer);
   c->tcp.data = c->timer.data = c;
@@ -314,48 +328,62 @@ static void on_connection(uv_stream_t *server, int status) {
   start_reading(c);
 }
 
-int sl_server_listen(sl_worker_t *w, const sl_config_t *cfg, char *err, size_t errlen) {
-  w->listeners = sl_calloc(cfg->nlisten, sizeof(uv_tcp_t));
-  for (uint32_t i = 0; i < cfg->nlisten; i++) {
-    const sl_listen_conf_t *l = &cfg->listen[i];
-    struct sockaddr_storage ss;
-    int rc = strchr(l->host, ':') ? uv_ip6_addr(l->host, l->port, (struct sockaddr_in6 *)&ss)
-                                  : uv_ip4_addr(l->host, l->port, (struct sockaddr_in *)&ss);
-    if (rc != 0) {
-      snprintf(err, errlen, "%s: listen.%u: invalid address %s", cfg->file, i + 1, l->addr);
-      return rc;
+static int listen_one(sl_worker_t *w, const sl_listen_conf_t *lc, bool admin, char *err,
+                      size_t errlen) {
+  struct sockaddr_storage ss;
+  int rc = strchr(lc->host, ':') ? uv_ip6_addr(lc->host, lc->port, (struct sockaddr_in6 *)&ss)
+                                 : uv_ip4_addr(lc->host, lc->port, (struct sockaddr_in *)&ss);
+  if (rc != 0) {
+    snprintf(err, errlen, "listen on %s: invalid address", lc->addr);
+    return rc;
+  }
+  sl_listener_t *l = &w->listeners[w->nlisteners++];
+  l->w = w;
+  l->admin = admin;
+  uv_tcp_init(w->loop, &l->tcp);
+  l->tcp.data = l;
+  rc = uv_tcp_bind(&l->tcp, (struct sockaddr *)&ss, 0);
+  if (rc == 0) rc = uv_listen((uv_stream_t *)&l->tcp, 1024, on_connection);
+  if (rc != 0) {
+    snprintf(err, errlen, "listen on %s%s: %s", admin ? "admin address " : "", lc->addr,
+             uv_strerror(rc));
+    return rc;
+  }
+  struct sockaddr_storage bound;
+  int blen = sizeof(bound);
+  char name[64] = "?";
+  uint16_t port = lc->port;
+  if (uv_tcp_getsockname(&l->tcp, (struct sockaddr *)&bound, &blen) == 0) {
+    if (bound.ss_family == AF_INET6) {
+      uv_ip6_name((struct sockaddr_in6 *)&bound, name, sizeof(name));
+      port = ntohs(((struct sockaddr_in6 *)&bound)->sin6_port);
+    } else {
+      uv_ip4_name((struct sockaddr_in *)&bound, name, sizeof(name));
+      port = ntohs(((struct sockaddr_in *)&bound)->sin_port);
     }
-    uv_tcp_t *t = &w->listeners[i];
-    uv_tcp_init(w->loop, t);
-    t->data = w;
-    w->nlisteners++;
-    rc = uv_tcp_bind(t, (struct sockaddr *)&ss, 0);
-    if (rc == 0) rc = uv_listen((uv_stream_t *)t, 1024, on_connection);
-    if (rc != 0) {
-      snprintf(err, errlen, "listen on %s: %s", l->addr, uv_strerror(rc));
-      return rc;
-    }
-    struct sockaddr_storage bound;
-    int blen = sizeof(bound);
-    char name[64] = "?";
-    uint16_t port = l->port;
-    if (uv_tcp_getsockname(t, (struct sockaddr *)&bound, &blen) == 0) {
-      if (bound.ss_family == AF_INET6) {
-        uv_ip6_name((struct sockaddr_in6 *)&bound, name, sizeof(name));
-        port = ntohs(((struct sockaddr_in6 *)&bound)->sin6_port);
-      } else {
-        uv_ip4_name((struct sockaddr_in *)&bound, name, sizeof(name));
-        port = ntohs(((struct sockaddr_in *)&bound)->sin_port);
-      }
-    }
-    if (i == 0) w->bound_port = port;
+  }
+  if (admin) {
+    w->admin_port = port;
+    SL_INFO("admin listening on %s:%u", name, port);
+  } else {
+    if (w->nlisteners == 1) w->bound_port = port;
     SL_INFO("listening on %s:%u", name, port);
   }
   return 0;
 }
 
+int sl_server_listen(sl_worker_t *w, const sl_config_t *cfg, char *err, size_t errlen) {
+  w->listeners = sl_calloc(cfg->nlisten + 1, sizeof(sl_listener_t));
+  for (uint32_t i = 0; i < cfg->nlisten; i++) {
+    int rc = listen_one(w, &cfg->listen[i], false, err, errlen);
+    if (rc != 0) return rc;
+  }
+  if (cfg->admin.addr) return listen_one(w, &cfg->admin, true, err, errlen);
+  return 0;
+}
+
 static void on_listener_closed(uv_handle_t *h) {
-  sl_worker_t *w = h->data;
+  sl_worker_t *w = ((sl_listener_t *)h->data)->w;
   if (--w->nlisteners == 0) {
     free(w->listeners);
     w->listeners = NULL;
@@ -364,7 +392,7 @@ static void on_listener_closed(uv_handle_t *h) {
 
 void sl_server_drain(sl_worker_t *w) {
   for (uint32_t i = 0; w->listeners && i < w->nlisteners; i++)
-    sl_close_handle((uv_handle_t *)&w->listeners[i], on_listener_closed);
+    sl_close_handle((uv_handle_t *)&w->listeners[i].tcp, on_listener_closed);
   sl_list_t *l = w->conns.next;
   while (l != &w->conns) {
     sl_conn_t *c = SL_CONTAINER_OF(l, sl_conn_t, link);

@@ -9,6 +9,12 @@
 
 #include <uv.h>
 
+typedef struct sl_listener {
+  uv_tcp_t tcp;
+  sl_worker_t *w;
+  bool admin; /* connections are answered by admin.c, not proxied */
+} sl_listener_t;
+
 enum sl_conn_state {
   SL_CONN_IDLE,    /* waiting for a request (keep-alive idle timer) */
   SL_CONN_READING, /* a request is partly received (header/body timer) */
@@ -33,11 +39,12 @@ typedef struct sl_conn {
   bool reading;
   bool in_process;    /* re-entrancy guard for conn_process */
   bool close_after;   /* close once queued writes are flushed */
+  bool admin;         /* accepted on the admin listener */
   uint32_t nrequests;
 } sl_conn_t;
 
-/* Starts listening on every configured address. Returns 0 or a negative libuv error with
- * err filled. */
+/* Starts listening on every configured address, and on the admin address when set. Returns 0
+ * or a negative libuv error with err filled. */
 int sl_server_listen(sl_worker_t *w, const sl_config_t *cfg, char *err, size_t errlen);
 /* Stops accepting, closes idle connections, lets busy ones finish (they close after their
  * response). */
@@ -51,6 +58,9 @@ size_t sl_conn_queued_bytes(const sl_conn_t *c);
 /* The response to the current request is complete. keep_alive = false closes the connection
  * once the response is flushed; otherwise the next pipelined request is handled. */
 void sl_conn_response_done(sl_conn_t *c, bool keep_alive);
+/* Sends a complete response with a body and finishes the request. */
+void sl_conn_send(sl_conn_t *c, int status, const char *content_type, const char *body,
+                  size_t len, const char *extra, bool keep_alive);
 /* Sends a JSON error response {"error":{"type","message","request_id"}} and finishes the
  * request. `extra` holds additional header lines ("Name: value\r\n"), or NULL. */
 void sl_conn_send_error(sl_conn_t *c, int status, const char *type, const char *msg,

@@ -28,7 +28,14 @@ int sluice_new(uv_loop_t *loop, sluice_t **out);
 /* Loads and validates a config file and the policies it names. Must precede sluice_start. */
 int sluice_load_file(sluice_t *s, const char *path);
 
-/* Starts listening. */
+/* Reloads the config file and its policies: builds a new generation and swaps it in only when
+ * everything loaded. In-flight requests finish on the generation they started with. On failure
+ * the running generation stays and sluice_last_error says why. */
+int sluice_reload(sluice_t *s);
+/* Id of the current generation (1 after the first load, +1 per successful reload). */
+uint64_t sluice_generation(const sluice_t *s);
+
+/* Starts listening (and watching the config and policies for changes, unless watch = false). */
 int sluice_start(sluice_t *s);
 
 /* Graceful stop: stops accepting, lets in-flight requests finish (up to the config's

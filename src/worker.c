@@ -47,6 +47,7 @@ void sl_gen_unref(sl_gen_t *g) {
   if (--g->refs > 0) return;
   free_pools(g);
   SL_DEBUG("generation %llu released", (unsigned long long)g->id);
+  sl_config_unref(g->cfg);
   free(g);
 }
 
@@ -99,7 +100,7 @@ sl_gen_t *sl_gen_build(sl_worker_t *w, sl_config_t *cfg, char *err, size_t errle
   sl_gen_t *g = sl_calloc(1, sizeof(*g));
   g->refs = 1;
   g->id = ++w->next_gen_id;
-  g->cfg = cfg;
+  g->cfg = sl_config_ref(cfg);
   g->worker = w;
   g->lua_ctx = LUA_NOREF;
 
@@ -162,6 +163,7 @@ sl_gen_t *sl_gen_build(sl_worker_t *w, sl_config_t *cfg, char *err, size_t errle
 fail:
   lua_settop(L, top);
   free_pools(g);
+  sl_config_unref(g->cfg);
   free(g);
   return NULL;
 }

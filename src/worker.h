@@ -42,18 +42,20 @@ typedef struct sl_gen {
 typedef struct sl_worker_stats {
   uint64_t accepted, requests, responses[6]; /* responses by status class 1xx..5xx, [0] other */
   uint64_t upstream_connect_errors, upstream_timeouts, policy_errors;
+  uint64_t reloads_ok, reloads_failed;
 } sl_worker_stats_t;
 
 typedef struct sl_worker {
   uv_loop_t *loop;
   lua_State *L;
-  struct sl_gateway *gw;
+  void *gw; /* the sluice_t that owns this worker */
   sl_gen_t *gen;
   uint64_t next_gen_id;
 
-  uv_tcp_t *listeners;
+  struct sl_listener *listeners;
   uint32_t nlisteners;
   uint16_t bound_port; /* first listener's port (useful when configured as 0) */
+  uint16_t admin_port;
   sl_list_t endpoints;
   sl_list_t conns;
   uint32_t nconns;

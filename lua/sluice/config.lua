@@ -173,6 +173,7 @@ local schema = record({
   policies = str("policies"),
   log_level = enum({ "error", "warn", "info", "debug" }, "info"),
   access_log = bool(false),
+  watch = bool(true),
   lua = record({ jit = bool(false), instruction_budget = int(1000, 2 ^ 40, 1000000) }),
   cache = record({ max_bytes = int(0, 2 ^ 40, 64 * 1024 * 1024) }),
   limits = record({

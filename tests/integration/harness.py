@@ -167,6 +167,7 @@ def make_pool(endpoints, balancer="round_robin", **kw):
 def make_config(pools, routes, limits=None, policies=None, log_level="info", **extra):
     cfg = {
         "listen": ["127.0.0.1:0"],
+        "admin": "127.0.0.1:0",  # the default 9901 would collide between parallel tests
         "policies": policies or POLICIES_DIR,
         "log_level": log_level,
     }

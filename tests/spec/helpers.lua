@@ -376,4 +376,139 @@ if ffi_ok then
   h.ENDPOINT_KINDS[2] = { name = "ffi endpoints", ffi = true }
 end
 
+
+-- Resilience policies (retry, breaker) ---------------------------------------------
+
+local config_mod
+-- normalized_pool{ retry = {...}, breaker = {...} } -> the pool table exactly as
+-- lua/sluice/config.lua normalizes it (every default filled in), so specs see the same
+-- pool.retry / pool.breaker the runtime hands to policies. Raises on a config error.
+function h.normalized_pool(fields)
+  if not config_mod then
+    config_mod = assert(loadfile(h.ROOT .. "/lua/sluice/config.lua"))()
+  end
+  local p = { endpoints = { "http://127.0.0.1:1" } }
+  for k, v in pairs(fields or {}) do p[k] = v end
+  local cfg, err = config_mod.validate({ pools = { p = p } })
+  if not cfg then error("normalized_pool: " .. tostring(err.path) .. ": " .. tostring(err.msg), 2) end
+  return cfg.pools.p
+end
+
+-- The runtime's FFI module (lua/sluice/ffi.lua), loaded once per VM (ffi.cdef cannot run
+-- twice). Needs LuaJIT.
+function h.runtime_ffi()
+  local m = package.loaded["sluice.ffi"]
+  if not m then
+    m = assert(loadfile(h.ROOT .. "/lua/sluice/ffi.lua"))()
+    package.loaded["sluice.ffi"] = m
+  end
+  return m
+end
+
+-- pool_stats{ active =, queued =, retrying =, ejected = } [, as_ffi] -> pool.stats as a
+-- plain table, or (as_ffi) an sl_pool_view_t cdata like the runtime's.
+function h.pool_stats(t, as_ffi)
+  t = t or {}
+  local s = { active = t.active or 0, queued = t.queued or 0, retrying = t.retrying or 0,
+              ejected = t.ejected or 0 }
+  if not as_ffi then return s end
+  h.runtime_ffi()
+  local c = ffi.new("sl_pool_view_t")
+  for k, v in pairs(s) do c[k] = v end
+  return c
+end
+
+-- outcome(200) / outcome(503) / outcome("connect_error") [, extra fields] -> an outcome
+-- table as the runtime builds it: ok is true for a response below 500.
+function h.outcome(what, extra)
+  local o
+  if type(what) == "number" then
+    o = { kind = "response", status = what, ok = what > 0 and what < 500 }
+  else
+    o = { kind = what, ok = false }
+  end
+  for k, v in pairs(extra or {}) do o[k] = v end
+  return o
+end
+
+-- breaker_sim(M, breaker_fields [, opts]) -> sim: one endpoint driven through a breaker
+-- policy the way the runtime (src/admission.c) does it:
+--   sim:record(outcome) calls M.record(ep, outcome, fake.now, st, pool) and applies the
+--     verdict: "open" -> ejections + 1 unless already open, state OPEN until now + ms;
+--     "close" -> state CLOSED, ejections 0 (when not already closed). Returns the verdict.
+--   sim:advance(ms) moves the fake clock and turns OPEN into HALF_OPEN once its time is up
+--     (as the runtime does before each pick); sim:tick() does the latter alone.
+--   sim.ep (state, ejections), sim.st (the policy's per-endpoint table), sim.pool
+--   (pool.breaker normalized from breaker_fields), sim.fake, sim.open_until.
+-- opts.ffi = true: the endpoint is an sl_ep_view_t cdata like the runtime's.
+-- opts.now: the clock's start (default 1e9, a realistic uv_now value).
+-- opts.fake: share a fake (default: the one M was loaded with must be passed for
+--   policies that read sluice.now_ms(); the sim only passes now_ms explicitly).
+function h.breaker_sim(M, breaker_fields, opts)
+  opts = opts or {}
+  local fake = opts.fake or h.new_fake()
+  fake.now = opts.now or 1e9
+  local ep
+  if opts.ffi then
+    h.runtime_ffi()
+    ep = ffi.new("sl_ep_view_t")
+    ep.reported_load = -1
+    ep.weight = 1
+  else
+    ep = { state = 0, ejections = 0, weight = 1, inflight = 0, max_inflight = 0, queued = 0,
+           ewma_ms = 0, fails = 0, successes = 0, consecutive_fails = 0, reported_load = -1,
+           available = true }
+  end
+  local pconf = h.normalized_pool({ breaker = breaker_fields or {} })
+  local sim = {
+    M = M, fake = fake, ep = ep, st = {}, open_until = nil,
+    pool = { name = "test", n = 1, endpoints = { ep }, state = {}, options = {},
+             breaker = pconf.breaker, stats = h.pool_stats() },
+    verdicts = {},
+  }
+
+  function sim:state() return tonumber(self.ep.state) end
+  function sim:ejections() return tonumber(self.ep.ejections) end
+
+  function sim:tick()
+    if tonumber(self.ep.state) == h.OPEN and self.fake.now >= self.open_until then
+      self.ep.state = h.HALF_OPEN
+    end
+  end
+
+  function sim:advance(ms)
+    self.fake.advance(ms)
+    self:tick()
+  end
+
+  function sim:record(outcome)
+    if type(outcome) ~= "table" then outcome = h.outcome(outcome) end
+    local action, ms = self.M.record(self.ep, outcome, self.fake.now, self.st, self.pool)
+    if action == "open" then
+      assert(type(ms) == "number" and ms > 0, "record returned \"open\" without a duration")
+      if tonumber(self.ep.state) ~= h.OPEN then self.ep.ejections = self.ep.ejections + 1 end
+      self.ep.state = h.OPEN
+      self.open_until = self.fake.now + ms
+    elseif action == "close" then
+      if tonumber(self.ep.state) ~= h.CLOSED then
+        self.ep.state = h.CLOSED
+        self.ep.ejections = 0
+      end
+    elseif action ~= nil then
+      error("record returned " .. tostring(action) .. ", expected nil, \"open\" or \"close\"", 2)
+    end
+    self.verdicts[#self.verdicts + 1] = action or false
+    return action, ms
+  end
+
+  -- Records outcome n times; returns the verdicts as an array (nil as false).
+  function sim:record_n(n, outcome)
+    local out = {}
+    for k = 1, n do out[k] = self:record(outcome) or false end
+    return out
+  end
+
+  return sim
+end
+
 return h
