@@ -37,6 +37,8 @@ sl_pick_result_t sl_admission_pick(sl_worker_t *w, sl_pool_t *pool, const sl_htt
                                    size_t errlen) {
   *out = NULL;
   uint32_t ejected = refresh_breakers(w, pool);
+  /* Every endpoint ejected: the fallback pool or a fast 503 (the caller decides). */
+  if (pool->n && ejected == pool->n) return SL_PICK_DOWN;
   /* Panic: with too much of the pool ejected, the breakers' verdict is ignored; spreading load
    * over every endpoint beats overloading the few left. */
   bool panic = pool->conf->breaker_enabled && ejected > 0 &&

@@ -59,6 +59,27 @@ void sl_buf_append_json_str(sl_buf_t *b, const char *s, size_t n) {
   }
 }
 
+void sl_buf_append_u64(sl_buf_t *b, uint64_t v) {
+  char tmp[20];
+  int i = 20;
+  do {
+    tmp[--i] = (char)('0' + v % 10);
+    v /= 10;
+  } while (v);
+  sl_buf_append(b, tmp + i, (size_t)(20 - i));
+}
+
+void sl_buf_append_hex(sl_buf_t *b, uint64_t v) {
+  static const char hex[] = "0123456789abcdef";
+  char tmp[16];
+  int i = 16;
+  do {
+    tmp[--i] = hex[v & 15];
+    v >>= 4;
+  } while (v);
+  sl_buf_append(b, tmp + i, (size_t)(16 - i));
+}
+
 void sl_buf_consume(sl_buf_t *b, size_t n) {
   if (n >= b->len) {
     b->len = 0;

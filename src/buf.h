@@ -20,6 +20,17 @@ char *sl_buf_reserve(sl_buf_t *b, size_t extra);
 void sl_buf_append(sl_buf_t *b, const void *p, size_t n);
 void sl_buf_appends(sl_buf_t *b, const char *s);
 void sl_buf_appendf(sl_buf_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Decimal and lowercase hex forms of an integer, without printf (request hot path). */
+void sl_buf_append_u64(sl_buf_t *b, uint64_t v);
+void sl_buf_append_hex(sl_buf_t *b, uint64_t v);
+/* Appends `n` bytes followed by a NUL-terminated literal (header lines). */
+static inline void sl_buf_append2(sl_buf_t *b, const void *p, size_t n, const char *lit) {
+  size_t m = strlen(lit);
+  char *end = sl_buf_reserve(b, n + m);
+  memcpy(end, p, n);
+  memcpy(end + n, lit, m);
+  b->len += n + m;
+}
 /* Appends `s` escaped for use inside a JSON string literal (quotes not added). */
 void sl_buf_append_json_str(sl_buf_t *b, const char *s, size_t n);
 /* Drops the first `n` bytes, moving the rest to the front. */

@@ -45,23 +45,23 @@ static bool skip_request_header(const char *n, size_t len) {
 void sl_forward_request(sl_buf_t *b, const sl_http_req_t *r, const sl_endpoint_t *ep,
                         const sl_forward_opts_t *o) {
   b->len = 0;
-  sl_buf_appendf(b, "%s %s%.*s HTTP/1.1\r\n", sl_http_method_str(r->method), ep->path_prefix,
-                 (int)r->url_len, sl_http_req_url(r));
+  sl_buf_appends(b, sl_http_method_str(r->method));
+  sl_buf_append(b, " ", 1);
+  sl_buf_appends(b, ep->path_prefix);
+  sl_buf_append2(b, sl_http_req_url(r), r->url_len, " HTTP/1.1\r\nHost: ");
   const sl_header_t *host = r->host_idx >= 0 ? &r->headers[r->host_idx] : NULL;
   if (o->preserve_host && host)
-    sl_buf_appendf(b, "Host: %.*s\r\n", (int)host->value_len, sl_http_req_str(r, host->value_off));
+    sl_buf_append2(b, sl_http_req_str(r, host->value_off), host->value_len, "\r\n");
   else
-    sl_buf_appendf(b, "Host: %s\r\n", ep->authority);
+    sl_buf_append2(b, ep->authority, strlen(ep->authority), "\r\n");
 
   for (uint32_t i = 0; i < r->nheaders; i++) {
     const sl_header_t *h = &r->headers[i];
     const char *n = sl_http_req_str(r, h->name_off);
     if (skip_request_header(n, h->name_len)) continue;
     if (connection_lists(r, n, h->name_len)) continue;
-    sl_buf_append(b, n, h->name_len);
-    sl_buf_append(b, ": ", 2);
-    sl_buf_append(b, sl_http_req_str(r, h->value_off), h->value_len);
-    sl_buf_append(b, "\r\n", 2);
+    sl_buf_append2(b, n, h->name_len, ": ");
+    sl_buf_append2(b, sl_http_req_str(r, h->value_off), h->value_len, "\r\n");
   }
   /* X-Forwarded-For: every value the client sent, in order, then the client's address. */
   sl_buf_appends(b, "X-Forwarded-For: ");
@@ -73,14 +73,19 @@ void sl_forward_request(sl_buf_t *b, const sl_http_req_t *r, const sl_endpoint_t
       sl_buf_append(b, ", ", 2);
     }
   }
-  sl_buf_appendf(b, "%s\r\n", o->client_ip);
-  sl_buf_appends(b, "X-Forwarded-Proto: http\r\n");
-  if (host && !o->preserve_host)
-    sl_buf_appendf(b, "X-Forwarded-Host: %.*s\r\n", (int)host->value_len,
-                   sl_http_req_str(r, host->value_off));
-  sl_buf_appendf(b, "X-Request-Id: %s\r\n", o->request_id);
+  sl_buf_append2(b, o->client_ip, strlen(o->client_ip), "\r\nX-Forwarded-Proto: http\r\n");
+  if (host && !o->preserve_host) {
+    sl_buf_appends(b, "X-Forwarded-Host: ");
+    sl_buf_append2(b, sl_http_req_str(r, host->value_off), host->value_len, "\r\n");
+  }
+  sl_buf_appends(b, "X-Request-Id: ");
+  sl_buf_append2(b, o->request_id, strlen(o->request_id), "\r\n");
   bool body_method = r->method == HTTP_POST || r->method == HTTP_PUT || r->method == HTTP_PATCH;
-  if (r->body.len || body_method) sl_buf_appendf(b, "Content-Length: %zu\r\n", r->body.len);
+  if (r->body.len || body_method) {
+    sl_buf_appends(b, "Content-Length: ");
+    sl_buf_append_u64(b, r->body.len);
+    sl_buf_append(b, "\r\n", 2);
+  }
   sl_buf_append(b, "\r\n", 2);
   sl_buf_append(b, r->body.data, r->body.len);
 }

@@ -28,8 +28,20 @@ void sl_lua_budget_reset(void) { budget_left = budget_steps; }
 static void budget_hook(lua_State *L, lua_Debug *ar) {
   if (--budget_left >= 0) return;
   budget_left = budget_steps; /* room for the error handler */
-  luaL_error(L, "instruction budget of %lld exceeded (runaway loop?)",
-             (long long)(budget_steps * SL_BUDGET_STEP));
+  /* Name the running Lua line: luaL_where cannot see through the hook frame. */
+  char where[300] = "";
+  lua_Debug d;
+  for (int level = 0; lua_getstack(L, level, &d); level++) {
+    if (lua_getinfo(L, "Sl", &d) && d.currentline > 0) {
+      snprintf(where, sizeof(where), "%s:%d: ", d.short_src, d.currentline);
+      break;
+    }
+  }
+  char msg[400];
+  snprintf(msg, sizeof(msg), "%sinstruction budget of %lld exceeded (runaway loop?)", where,
+           (long long)(budget_steps * SL_BUDGET_STEP));
+  lua_pushstring(L, msg);
+  lua_error(L);
 }
 
 void sl_lua_set_mode(lua_State *L, bool jit, uint64_t budget) {

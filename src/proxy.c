@@ -490,29 +490,41 @@ static int r_headers_complete(llhttp_t *p) {
   x->status = (uint16_t)status;
   /* Decided here: after message completion llhttp has reset the flags it is computed from. */
   x->up_keep = llhttp_should_keep_alive(p);
-  size_t len = 0;
-  const char *load = r_header(x, "x-load", &len);
-  if (load) x->ep->view.reported_load = parse_number(load, len, x->ep->view.reported_load);
+  /* One pass for the headers the gateway acts on. */
+  const char *conn_tokens = NULL;
+  size_t conn_len = 0;
+  for (uint32_t i = 0; i < x->nrhdr; i++) {
+    const uint32_t *h = &x->rhdr[4 * i];
+    const char *n = x->rstr.data + h[0], *v = x->rstr.data + h[2];
+    if (h[1] == 10 && sl_strieq(n, 10, "connection")) {
+      conn_tokens = v;
+      conn_len = h[3];
+    } else if (h[1] == 6 && sl_strieq(n, 6, "x-load")) {
+      x->ep->view.reported_load = parse_number(v, h[3], x->ep->view.reported_load);
+    }
+  }
   if (status >= 400 && retry_on_status(x, status)) return HPE_PAUSED;
 
   bool no_body = x->head_request || status == 204 || status == 304;
   bool has_cl = (p->flags & F_CONTENT_LENGTH) && !(p->flags & F_CHUNKED);
-  size_t conn_len = 0;
-  const char *conn_tokens = r_header(x, "connection", &conn_len);
   sl_buf_t *o = &x->out;
-  sl_buf_appendf(o, "HTTP/1.1 %d %s\r\n", status, sl_http_status_reason(status));
+  sl_buf_appends(o, "HTTP/1.1 ");
+  sl_buf_append_u64(o, (uint64_t)status);
+  sl_buf_append(o, " ", 1);
+  const char *reason = sl_http_status_reason(status);
+  sl_buf_append2(o, reason, strlen(reason), "\r\n");
   for (uint32_t i = 0; i < x->nrhdr; i++) {
     const uint32_t *h = &x->rhdr[4 * i];
     const char *n = x->rstr.data + h[0];
     if (sl_forward_skip_response_header(n, h[1], conn_tokens, conn_len)) continue;
-    sl_buf_append(o, n, h[1]);
-    sl_buf_append(o, ": ", 2);
-    sl_buf_append(o, x->rstr.data + h[2], h[3]);
-    sl_buf_append(o, "\r\n", 2);
+    sl_buf_append2(o, n, h[1], ": ");
+    sl_buf_append2(o, x->rstr.data + h[2], h[3], "\r\n");
   }
   x->out_chunked = x->out_close = false;
   if (has_cl && (!no_body || x->head_request)) {
-    sl_buf_appendf(o, "Content-Length: %llu\r\n", (unsigned long long)p->content_length);
+    sl_buf_appends(o, "Content-Length: ");
+    sl_buf_append_u64(o, p->content_length);
+    sl_buf_append(o, "\r\n", 2);
   } else if (!no_body) {
     if (c->req.http_minor >= 1) {
       sl_buf_appends(o, "Transfer-Encoding: chunked\r\n");
@@ -521,7 +533,8 @@ static int r_headers_complete(llhttp_t *p) {
       x->out_close = true; /* HTTP/1.0 client: the body ends when the connection does */
     }
   }
-  sl_buf_appendf(o, "x-request-id: %s\r\n", x->request_id);
+  sl_buf_appends(o, "x-request-id: ");
+  sl_buf_append2(o, x->request_id, strlen(x->request_id), "\r\n");
   if (!c->req.keep_alive || x->out_close || c->w->draining)
     sl_buf_appends(o, "Connection: close\r\n");
   else if (c->req.http_minor == 0)
@@ -533,7 +546,10 @@ static int r_headers_complete(llhttp_t *p) {
 
 static int r_body(llhttp_t *p, const char *at, size_t len) {
   sl_exchange_t *x = X(p);
-  if (x->out_chunked) sl_buf_appendf(&x->out, "%zx\r\n", len);
+  if (x->out_chunked) {
+    sl_buf_append_hex(&x->out, len);
+    sl_buf_append(&x->out, "\r\n", 2);
+  }
   sl_buf_append(&x->out, at, len);
   if (x->out_chunked) sl_buf_append(&x->out, "\r\n", 2);
   return 0;
