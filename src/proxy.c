@@ -31,6 +31,8 @@ void sl_proxy_free(sl_exchange_t *x) {
   sl_buf_free(&x->out);
   sl_buf_free(&x->rstr);
   free(x->rhdr);
+  x->rhdr = NULL;
+  x->nrhdr = x->rhdr_cap = 0;
 }
 
 static sl_worker_t *W(const sl_exchange_t *x) { return x->conn->w; }
@@ -67,18 +69,26 @@ static void end_attempt(sl_exchange_t *x, const sl_outcome_t *o) {
 static void set_pool(sl_exchange_t *x, sl_pool_t *pool) {
   if (x->pool) {
     x->pool->view.active--;
-    if (x->attempts > 1) x->pool->view.retrying--;
+    if (x->retrying) x->pool->view.retrying--;
   }
   x->pool = pool;
   if (pool) {
     pool->view.active++;
-    if (x->attempts > 1) pool->view.retrying++;
+    if (x->retrying) pool->view.retrying++;
   }
+}
+
+/* From the moment a retry is decided, so requests in backoff count against the budget. */
+static void mark_retrying(sl_exchange_t *x) {
+  if (x->retrying) return;
+  x->retrying = true;
+  x->pool->view.retrying++;
 }
 
 static void end_exchange(sl_exchange_t *x) {
   uv_timer_stop(&x->timer);
   set_pool(x, NULL);
+  x->retrying = false;
   if (x->gen) sl_gen_unref(x->gen);
   x->gen = NULL;
   x->active = false;
@@ -166,6 +176,7 @@ static void attempt_failed(sl_exchange_t *x, const sl_outcome_t *o, int64_t deci
   int64_t delay = decided_delay;
   if (delay == -2) delay = may_retry(x, o, note, sizeof(note)) ? ask_retry(x, o) : -1;
   if (delay >= 0) {
+    mark_retrying(x);
     SL_INFO("request %s: attempt %u on %s failed (%s); retrying in %lld ms", x->request_id,
             x->attempts, url, msg, (long long)delay);
     x->phase = SL_X_BACKOFF;
@@ -474,6 +485,7 @@ static bool retry_on_status(sl_exchange_t *x, int status) {
   if (!may_retry(x, &o, note, sizeof(note))) return false;
   int64_t delay = ask_retry(x, &o);
   if (delay < 0) return false;
+  mark_retrying(x);
   x->status_retry = true;
   x->retry_delay_ms = delay;
   return true;
@@ -582,7 +594,6 @@ static const llhttp_settings_t resp_settings = {
 static void start_attempt(sl_exchange_t *x, sl_endpoint_t *ep, uint32_t idx) {
   sl_worker_t *w = W(x);
   x->attempts++;
-  if (x->attempts == 2) x->pool->view.retrying++;
   if (x->ntried < SL_MAX_TRIED) x->tried[x->ntried++] = ep;
   x->ep = ep;
   x->ep_idx = idx;
@@ -720,7 +731,7 @@ void sl_proxy_start(sl_conn_t *c) {
   x->start_ms = sl_worker_now(w);
   x->attempts = 0;
   x->ntried = 0;
-  x->head_sent = x->up_paused = x->fell_back = false;
+  x->head_sent = x->up_paused = x->fell_back = x->retrying = false;
   x->head_request = r->method == HTTP_HEAD;
   sl_conn_request_id(c);
 

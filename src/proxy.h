@@ -60,6 +60,7 @@ typedef struct sl_exchange {
   bool stale_retried;     /* already re-sent once after a stale pooled connection */
   bool status_retry;      /* the response status triggered a retry; its body is dropped */
   bool fell_back;         /* moved to the fallback pool already */
+  bool retrying;          /* counted in pool->view.retrying: decided to retry (backoff on) */
   bool head_request;
   char request_id[129];
 } sl_exchange_t;
@@ -74,7 +75,8 @@ void sl_proxy_client_drained(sl_exchange_t *x);
 /* A slot may be free for a queued exchange. Returns false when x stays queued. */
 bool sl_proxy_offer_slot(sl_exchange_t *x);
 void sl_proxy_init(sl_exchange_t *x, struct sl_conn *c);
-/* Releases buffers; the timer handle is closed by the connection. */
+/* Releases buffers (the exchange stays usable); the timer handle is closed by the
+ * connection. */
 void sl_proxy_free(sl_exchange_t *x);
 
 #endif

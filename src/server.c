@@ -217,7 +217,14 @@ void sl_conn_response_done(sl_conn_t *c, bool keep_alive) {
   c->state = SL_CONN_IDLE;
   arm(c, cur_cfg(c)->idle_timeout_ms);
   start_reading(c);
-  if (!c->in_process && c->in.len) conn_process(c);
+  if (c->in.len == 0) {
+    /* Idle keep-alive connections are the many; keep them small (no per-request buffers). */
+    sl_http_req_free(&c->req);
+    sl_buf_free(&c->in);
+    sl_proxy_free(&c->x);
+  } else if (!c->in_process) {
+    conn_process(c);
+  }
 }
 
 /* Responses the gateway writes itself -------------------------------------------------------- */
