@@ -24,6 +24,8 @@ static uint32_t refresh_breakers(sl_worker_t *w, sl_pool_t *pool) {
   return ejected;
 }
 
+static void schedule_breaker_timer(sl_worker_t *w, uint64_t due);
+
 static bool was_tried(const sl_endpoint_t *ep, sl_endpoint_t *const *tried, uint32_t ntried) {
   for (uint32_t i = 0; i < ntried; i++)
     if (tried[i] == ep) return true;
@@ -95,6 +97,7 @@ static void apply_breaker(sl_worker_t *w, sl_pool_t *pool, sl_endpoint_t *ep,
     }
     ep->view.state = SL_EP_OPEN;
     ep->open_until_ms = sl_worker_now(w) + (uint64_t)open_ms;
+    schedule_breaker_timer(w, ep->open_until_ms);
   } else if (action == SL_BREAKER_CLOSE && ep->view.state != SL_EP_CLOSED) {
     SL_INFO("breaker closed: %s (pool %s)", ep->url, pool->conf->name);
     ep->view.state = SL_EP_CLOSED;
@@ -145,10 +148,7 @@ void sl_admission_dequeue(sl_pool_t *pool, sl_exchange_t *x) {
   if (sl_list_empty(&pool->queue)) sl_list_remove(&pool->waiting);
 }
 
-static void on_dispatch(uv_check_t *h) {
-  sl_worker_t *w = h->data;
-  uv_check_stop(h);
-  w->dispatch_pending = false;
+static void dispatch_waiters(sl_worker_t *w) {
   /* Each pool's oldest waiter first; a pool whose head still finds no slot keeps its order. */
   sl_list_t *l = w->waiting_pools.next;
   while (l != &w->waiting_pools) {
@@ -161,6 +161,34 @@ static void on_dispatch(uv_check_t *h) {
   }
 }
 
+static void on_dispatch(uv_check_t *h) {
+  sl_worker_t *w = h->data;
+  uv_check_stop(h);
+  w->dispatch_pending = false;
+  dispatch_waiters(w);
+}
+
+/* An open endpoint's time is up: queued requests may use it as a half-open probe. Dispatches
+ * directly: a check handle started from a timer would wait for the next I/O event. */
+static void on_breaker_timer(uv_timer_t *t) {
+  sl_worker_t *w = t->data;
+  dispatch_waiters(w);
+  uint64_t now = sl_worker_now(w), next = UINT64_MAX;
+  for (sl_list_t *l = w->endpoints.next; l != &w->endpoints; l = l->next) {
+    sl_endpoint_t *ep = SL_CONTAINER_OF(l, sl_endpoint_t, link);
+    if (ep->view.state == SL_EP_OPEN && ep->open_until_ms > now) next = SL_MIN(next, ep->open_until_ms);
+  }
+  if (next != UINT64_MAX) uv_timer_start(t, on_breaker_timer, next - now, 0);
+}
+
+static void schedule_breaker_timer(sl_worker_t *w, uint64_t due) {
+  uint64_t now = sl_worker_now(w);
+  uint64_t cur = uv_is_active((uv_handle_t *)&w->breaker_timer)
+                     ? now + uv_timer_get_due_in(&w->breaker_timer)
+                     : UINT64_MAX;
+  if (due < cur) uv_timer_start(&w->breaker_timer, on_breaker_timer, due > now ? due - now : 0, 0);
+}
+
 void sl_admission_wake(sl_worker_t *w) {
   if (w->dispatch_pending || sl_list_empty(&w->waiting_pools)) return;
   w->dispatch_pending = true;
@@ -171,6 +199,12 @@ void sl_admission_init(sl_worker_t *w) {
   sl_list_init(&w->waiting_pools);
   uv_check_init(w->loop, &w->dispatcher);
   w->dispatcher.data = w;
+  uv_timer_init(w->loop, &w->breaker_timer);
+  w->breaker_timer.data = w;
+  uv_unref((uv_handle_t *)&w->breaker_timer); /* must not keep a stopping loop alive */
 }
 
-void sl_admission_close(sl_worker_t *w) { sl_close_handle((uv_handle_t *)&w->dispatcher, NULL); }
+void sl_admission_close(sl_worker_t *w) {
+  sl_close_handle((uv_handle_t *)&w->dispatcher, NULL);
+  sl_close_handle((uv_handle_t *)&w->breaker_timer, NULL);
+}

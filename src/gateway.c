@@ -193,11 +193,16 @@ int sluice_start(sluice_t *s) {
              s->started ? "already started" : "no config loaded");
     return SLUICE_ESTATE;
   }
-  int rc = sl_server_listen(s->worker, s->cfg, s->error, sizeof(s->error));
-  if (rc != 0) return SLUICE_ELISTEN;
-  s->started = true;
+  /* Watch before listening: once "listening" is logged, a saved change must not be missed. */
   if (s->cfg->watch)
     s->watch = sl_watch_start(s->loop, s->cfg->file, s->cfg->policies_dir, 150, on_watch, s);
+  int rc = sl_server_listen(s->worker, s->cfg, s->error, sizeof(s->error));
+  if (rc != 0) {
+    sl_watch_stop(s->watch);
+    s->watch = NULL;
+    return SLUICE_ELISTEN;
+  }
+  s->started = true;
   return 0;
 }
 

@@ -69,6 +69,7 @@ typedef struct sl_worker {
 
   sl_list_t waiting_pools; /* pools with queued requests, of any generation */
   uv_check_t dispatcher;    /* hands freed slots to queued requests after I/O callbacks */
+  uv_timer_t breaker_timer; /* fires when the next open endpoint turns half-open */
   bool dispatch_pending;
   int lua_outcome; /* registry ref: reusable outcome table */
   int lua_hooks;   /* registry ref: runtime module (trampolines) */
