@@ -5,6 +5,8 @@ return {
   workers = 1,
   policies = "../policies", -- relative to this file
   log_level = "info",
+  admin = "127.0.0.1:9901", -- GET /healthz, POST /reload (loopback only)
+  watch = true,             -- saving this file or a policy reloads it
 
   limits = {
     max_header_bytes = 32 * 1024,
@@ -16,9 +18,13 @@ return {
   pools = {
     llm = {
       endpoints = { "http://127.0.0.1:9201", "http://127.0.0.1:9202" },
-      balancer = "least_inflight", -- policies/balancer/least_inflight.lua
+      balancer = "least_queue",    -- policies/balancer/least_queue.lua: idle instances first
+      max_inflight = 8,            -- per instance; the rest waits in the pool's queue
+      queue = { max = 64, timeout_ms = 2000 },
       timeout_ms = { connect = 1000, first_byte = 2000, total = 120000 },
       keepalive = { max_idle = 64, idle_timeout_ms = 60000 },
+      retry = { policy = "exponential", attempts = 3, base_ms = 25, max_ms = 250 },
+      breaker = { policy = "consecutive", failures = 5, open_ms = 10000 },
     },
     tts = {
       endpoints = { { url = "http://127.0.0.1:9301", weight = 1 } },

@@ -23,7 +23,7 @@ trap cleanup EXIT INT TERM
 
 "$bin/sluice" --check -c examples/sluice.lua
 "$bin/sluice" -c examples/sluice.lua & pids+=($!)
-for _ in $(seq 50); do curl -s -o /dev/null http://127.0.0.1:8080/ && break; sleep 0.1; done
+for _ in $(seq 50); do curl -s -o /dev/null http://127.0.0.1:9901/healthz && break; sleep 0.1; done
 
 cat <<'TXT'
 
@@ -43,9 +43,16 @@ Try:
   curl -i http://127.0.0.1:8080/nowhere
   curl -i http://127.0.0.1:8080/echo -H 'x-mock-delay-ms: 3000'
 
+  # every instance answering 503: retried with backoff on the other one (see the log),
+  # then the last 503 is relayed
+  curl -i http://127.0.0.1:8080/echo -H 'x-mock-status: 503'
+
   # load: wrk -t1 -c50 -d5s http://127.0.0.1:8080/echo
 
-Edit examples/sluice.lua or policies/balancer/*.lua and restart to change behaviour.
+Live changes: save examples/sluice.lua or a file under policies/ and sluice reloads it (a
+broken edit is reported and the running version stays), or:
+  curl -X POST http://127.0.0.1:9901/reload
+
 Ctrl-C stops sluice (it drains in-flight requests) and the mocks.
 TXT
 wait "${pids[-1]}"
