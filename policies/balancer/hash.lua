@@ -39,7 +39,7 @@
 --            given or absent from the request. At least one of header/query is required;
 --          vnodes (integer >= 1, default 160): ring points per weight unit;
 --          keys (array of n distinct strings): stable endpoint identities, see above;
---          fallback (balancer name, default "least_inflight", done inline): how keyless
+--          fallback (balancer name, default "least_inflight", loaded with require): how keyless
 --            requests are balanced; another name loads policies/balancer/<name>.lua,
 --            which then shares pool.state.
 --          The ring holds at most 65536 points: with large weights vnodes is scaled down.
@@ -118,9 +118,8 @@ local function configure(pool, state)
   end
   if o.keys ~= nil and type(o.keys) ~= "table" then fail("keys must be an array of strings") end
   local fb = o.fallback
-  if fb == nil or fb == "least_inflight" then
-    state.hash_fb = false
-  elseif type(fb) ~= "string" or fb == "hash" then
+  if fb == nil then fb = "least_inflight" end
+  if type(fb) ~= "string" or fb == "hash" then
     fail("fallback must name another balancer, got " .. tostring(fb))
   else
     local mod = require("balancer." .. fb)
@@ -224,27 +223,6 @@ local function query_value(q, needle)
   end
 end
 
--- Keyless requests: lowest inflight / weight among available endpoints, ties rotated.
-local function least_inflight(pool, state, eps, n)
-  local start = state.hash_li_start or 1
-  if start > n then start = 1 end
-  local best, best_load, best_w = 0, 0, 1
-  local i = start
-  for _ = 1, n do
-    local ep = eps[i]
-    if ep.available then
-      local load, w = tonumber(ep.inflight), tonumber(ep.weight)
-      if best == 0 or load * best_w < best_load * w then
-        best, best_load, best_w = i, load, w
-      end
-    end
-    i = i == n and 1 or i + 1
-  end
-  if best == 0 then return nil end
-  state.hash_li_start = best == n and 1 or best + 1
-  return best
-end
-
 function M.pick(pool, req)
   local n = pool.n
   if n == 0 then return nil end
@@ -277,9 +255,7 @@ function M.pick(pool, req)
 
   local size = state.hash_size
   if key == nil or key == "" or size == 0 then
-    local fb = state.hash_fb
-    if fb then return fb(pool, req) end
-    return least_inflight(pool, state, eps, n)
+    return state.hash_fb(pool, req)
   end
 
   local h = mix(sluice.hash(key))
