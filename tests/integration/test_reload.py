@@ -170,6 +170,77 @@ class ReloadTest(h.SluiceTestCase):
         self.assertEqual(h.http_request(self.admin, "GET", "/nope")[0], 404)
 
 
+class EndpointChangesTest(h.SluiceTestCase):
+    """Endpoints added and removed by a reload; endpoint state kept across reloads by URL."""
+
+    @classmethod
+    def setUpEnv(cls):
+        env = cls.env
+        cls.a = env.mock("a")
+        cls.b = env.mock("b")
+        cls.c = env.mock("c")
+        cls.bad = env.mock("bad", args=["--fail-rate", "1", "--fail-status", "503"])
+        cls.s = env.sluice(cls.config([cls.a, cls.b]))
+        cls.admin = int(cls.s.wait_log(ADMIN_RE, 5).group(1))
+
+    @classmethod
+    def config(cls, endpoints, breaker_endpoints=None):
+        pools = {"p": h.make_pool(endpoints, balancer="round_robin")}
+        routes = [{"path": "/", "pool": "p"}]
+        if breaker_endpoints:
+            pools["br"] = h.make_pool(breaker_endpoints, balancer="round_robin",
+                                      breaker={"failures": 2, "open_ms": 60000})
+            routes.insert(0, {"path": "/", "host": "br", "pool": "br"})
+        return h.config_text(h.make_config(pools, routes, watch=False))
+
+    def reload_with(self, text):
+        with open(self.s.config_path, "w") as f:
+            f.write(text)
+        status, body = admin_reload(self.admin)
+        self.assertEqual(status, 200, body)
+
+    def instances(self, n, host=None):
+        seen = []
+        for _ in range(n):
+            status, headers, _ = h.http_request(self.s.port, "GET", "/echo", host=host)
+            seen.append((status, h.hdr(headers, "x-mock-instance")))
+        return seen
+
+    def test_removed_endpoint_drains_and_added_endpoint_serves(self):
+        self.reload_with(self.config([self.a, self.b]))
+        result = {}
+
+        def slow_on_b():
+            # round robin over a, b: send until one lands on b, slowly
+            for _ in range(4):
+                r = h.http_request(self.s.port, "GET", "/echo", {"x-mock-delay-ms": "500"})
+                if h.hdr(r[1], "x-mock-instance") == "b":
+                    result["r"] = r
+                    return
+
+        t = threading.Thread(target=slow_on_b)
+        t.start()
+        h.wait_for(lambda: self.b.stats()["inflight"] == 1, 5, what="slow request on b")
+        self.reload_with(self.config([self.a, self.c]))  # b removed, c added
+        seen = self.instances(10)
+        self.assertEqual({s for s, _ in seen}, {200})
+        self.assertEqual({i for _, i in seen}, {"a", "c"})
+        t.join(10)
+        self.assertEqual(result["r"][0], 200)  # the request on the removed endpoint finished
+        h.wait_for(lambda: self.b.stats()["open_connections"] == 1, 5,  # this /stats request
+                   what="connections to the removed endpoint closed")
+        self.reload_with(self.config([self.a, self.b]))
+
+    def test_breaker_state_survives_reload(self):
+        self.reload_with(self.config([self.a, self.b], [self.bad, self.c]))
+        self.instances(6, host="br")  # "bad" fails twice: ejected for 60 s
+        self.bad.reset_stats()
+        self.reload_with(self.config([self.a, self.b], [self.bad, self.c]) + "-- touched\n")
+        seen = self.instances(10, host="br")
+        self.assertEqual({i for _, i in seen}, {"c"})
+        self.assertEqual(self.bad.stats()["requests"], 0, "ejected endpoint got traffic after reload")
+
+
 class WatchAndSignalTest(h.SluiceTestCase):
 
     @classmethod
