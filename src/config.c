@@ -160,6 +160,9 @@ static void read_pool(lua_State *L, int idx, const char *name, sl_pool_conf_t *p
   p->max_inflight = (uint32_t)get_int(L, idx, "max_inflight");
   p->fallback = get_str(L, idx, "fallback");
   p->preserve_host = get_bool(L, idx, "preserve_host");
+  int ws = push_sub(L, idx, "websocket");
+  p->ws_max_message_bytes = (uint64_t)get_int(L, ws, "max_message_bytes");
+  lua_pop(L, 1);
 
   int t = push_sub(L, idx, "queue");
   p->queue_max = (uint32_t)get_int(L, t, "max");
@@ -228,6 +231,7 @@ static void read_pool(lua_State *L, int idx, const char *name, sl_pool_conf_t *p
     ec->weight = (uint32_t)get_int(L, e, "weight");
     ec->tls = get_bool(L, e, "tls");
     ec->websocket = get_bool(L, e, "websocket");
+    p->websocket |= ec->websocket;
     lua_pop(L, 1);
   }
   lua_pop(L, 1);

@@ -28,6 +28,8 @@ typedef struct sl_pool_conf {
   char *fallback;
   int fallback_idx; /* -1 = none */
   bool preserve_host;
+  uint64_t ws_max_message_bytes;
+  bool websocket; /* some endpoint is ws:// or wss://: upgrades on its routes become sessions */
 
   bool retry_enabled;
   char *retry_policy;

@@ -60,6 +60,7 @@ void sl_forward_request(sl_buf_t *b, const sl_http_req_t *r, const sl_endpoint_t
     const char *n = sl_http_req_str(r, h->name_off);
     if (skip_request_header(n, h->name_len)) continue;
     if (connection_lists(r, n, h->name_len)) continue;
+    if (h->name_len == 24 && sl_strieq(n, 24, "sec-websocket-extensions")) continue;
     sl_buf_append2(b, n, h->name_len, ": ");
     sl_buf_append2(b, sl_http_req_str(r, h->value_off), h->value_len, "\r\n");
   }
@@ -78,6 +79,7 @@ void sl_forward_request(sl_buf_t *b, const sl_http_req_t *r, const sl_endpoint_t
     sl_buf_appends(b, "X-Forwarded-Host: ");
     sl_buf_append2(b, sl_http_req_str(r, host->value_off), host->value_len, "\r\n");
   }
+  if (o->websocket) sl_buf_appends(b, "Connection: Upgrade\r\nUpgrade: websocket\r\n");
   sl_buf_appends(b, "X-Request-Id: ");
   sl_buf_append2(b, o->request_id, strlen(o->request_id), "\r\n");
   bool body_method = r->method == HTTP_POST || r->method == HTTP_PUT || r->method == HTTP_PATCH;

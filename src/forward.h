@@ -12,6 +12,7 @@ typedef struct sl_forward_opts {
   const char *client_ip;
   const char *request_id;
   bool preserve_host;
+  bool websocket; /* forward the upgrade (without extensions: frames are parsed here) */
 } sl_forward_opts_t;
 
 /* Serializes `r` for `ep` into out (replacing its contents), body included. */

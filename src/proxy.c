@@ -7,6 +7,7 @@
 #include "route.h"
 #include "server.h"
 #include "upstream.h"
+#include "ws.h"
 
 #include <lauxlib.h>
 #include <stdarg.h>
@@ -355,6 +356,65 @@ static void on_up_eof(sl_exchange_t *x, sl_upconn_t *u, ssize_t n) {
                  n == UV_EOF ? "EOF" : uv_strerror((int)n));
 }
 
+static const char *r_header(const sl_exchange_t *x, const char *name, size_t *len);
+
+/* The upstream answered the upgrade: switch both connections to the WebSocket session, or
+ * treat a refusal like any failed attempt (retry, fallback, then a JSON error, never a 101
+ * followed by a close). */
+static void ws_handshake_done(sl_exchange_t *x, const char *data, ssize_t n) {
+  const char *url = x->ep->url;
+  if (!x->ws_ready) {
+    sl_outcome_t o = outcome(x, x->ws_refused ? "response" : "reset", x->ws_refused ? x->status : 0);
+    int status = x->status;
+    bool refused = x->ws_refused;
+    x->ws_refused = x->ws_bad_accept = false;
+    if (refused)
+      attempt_failed(x, &o, -2, 502, "upstream_handshake_failed",
+                     "%s refused the WebSocket handshake with status %d", url, status);
+    else
+      attempt_failed(x, &o, -2, 502, "upstream_handshake_failed",
+                     "%s answered 101 without a valid Sec-WebSocket-Accept", url);
+    return;
+  }
+  size_t acc_len = 0, proto_len = 0;
+  const char *acc = r_header(x, "sec-websocket-accept", &acc_len);
+  const char *proto = r_header(x, "sec-websocket-protocol", &proto_len);
+  char accept[29];
+  memcpy(accept, acc, 28);
+  accept[28] = 0;
+  const char *pos = llhttp_get_error_pos(&x->rp);
+  size_t early = pos ? (size_t)(data + n - pos) : 0;
+  uv_timer_stop(&x->timer); /* no first-byte or total deadline for a session */
+  x->head_sent = true;      /* from here on, failures close the session instead */
+  sl_conn_t *c = x->conn;
+  c->state = SL_CONN_WS;
+  if (sl_ws_start(x, accept, proto, proto ? proto_len : 0, pos, early) != 0) {
+    c->state = SL_CONN_BUSY;
+    sl_outcome_t o = outcome(x, "reset", 0);
+    attempt_failed(x, &o, -1, 502, "upstream_handshake_failed", "could not start the session");
+  }
+}
+
+void sl_proxy_ws_end(sl_exchange_t *x, bool client_alive, bool upstream_ok) {
+  sl_conn_t *c = x->conn;
+  sl_ws_t *ws = x->ws;
+  x->ws = NULL;
+  if (x->up) {
+    sl_upconn_close(x->up);
+    x->up = NULL;
+  }
+  sl_outcome_t o = outcome(x, upstream_ok ? "response" : "reset", upstream_ok ? 101 : 0);
+  end_attempt(x, &o);
+  end_exchange(x);
+  sl_ws_free(ws); /* deferred while the session's own callbacks run */
+  if (client_alive) {
+    c->state = SL_CONN_BUSY;
+    sl_conn_response_done(c, false);
+  } else {
+    sl_conn_close(c);
+  }
+}
+
 static void on_up_read(void *ctx, sl_upconn_t *u, const char *data, ssize_t n) {
   sl_exchange_t *x = ctx;
   if (n < 0) {
@@ -368,6 +428,10 @@ static void on_up_read(void *ctx, sl_upconn_t *u, const char *data, ssize_t n) {
     arm_deadline(x);
   }
   llhttp_errno_t e = llhttp_execute(&x->rp, data, (size_t)n);
+  if (x->ws_ready || x->ws_refused || x->ws_bad_accept) {
+    ws_handshake_done(x, data, n);
+    return;
+  }
   if (x->status_retry) {
     sl_outcome_t o = outcome(x, "response", x->status);
     attempt_failed(x, &o, x->retry_delay_ms, 502, "upstream_error", "%s answered %d", x->ep->url,
@@ -491,6 +555,26 @@ static bool retry_on_status(sl_exchange_t *x, int status) {
   return true;
 }
 
+/* The upstream's answer to a WebSocket upgrade: parsing stops after the head either way (what
+ * follows a 101 is frames; a refusal's body is dropped with its connection). */
+static int ws_handshake_head(sl_exchange_t *x, int status) {
+  if (status != 101) {
+    x->ws_refused = true;
+    return HPE_PAUSED;
+  }
+  const sl_http_req_t *r = &x->conn->req;
+  int k = sl_http_req_find(r, "sec-websocket-key");
+  char want[29];
+  sl_ws_accept_key(sl_http_req_str(r, r->headers[k].value_off), r->headers[k].value_len, want);
+  size_t len = 0;
+  const char *acc = r_header(x, "sec-websocket-accept", &len);
+  if (acc && len == 28 && memcmp(acc, want, 28) == 0)
+    x->ws_ready = true;
+  else
+    x->ws_bad_accept = true;
+  return HPE_PAUSED;
+}
+
 static int r_headers_complete(llhttp_t *p) {
   sl_exchange_t *x = X(p);
   sl_conn_t *c = x->conn;
@@ -500,6 +584,7 @@ static int r_headers_complete(llhttp_t *p) {
     return 0;
   }
   x->status = (uint16_t)status;
+  if (x->ws_upgrade) return ws_handshake_head(x, status);
   /* Decided here: after message completion llhttp has reset the flags it is computed from. */
   x->up_keep = llhttp_should_keep_alive(p);
   /* One pass for the headers the gateway acts on. */
@@ -602,7 +687,8 @@ static void start_attempt(sl_exchange_t *x, sl_endpoint_t *ep, uint32_t idx) {
   x->connecting = true;
   ep->view.queued++;
   sl_forward_opts_t fo = {.client_ip = x->conn->peer, .request_id = x->request_id,
-                          .preserve_host = x->pool->conf->preserve_host};
+                          .preserve_host = x->pool->conf->preserve_host,
+                          .websocket = x->ws_upgrade};
   sl_forward_request(&x->upreq, &x->conn->req, ep, &fo);
   x->attempt_ms = sl_worker_now(w);
   x->got_bytes = false;
@@ -713,6 +799,10 @@ bool sl_proxy_offer_slot(sl_exchange_t *x) {
 
 void sl_proxy_abort(sl_exchange_t *x) {
   if (!x->active) return;
+  if (x->ws) {
+    sl_ws_free(x->ws);
+    x->ws = NULL;
+  }
   if (x->phase == SL_X_QUEUED) sl_admission_dequeue(x->pool, x);
   if (x->up) {
     sl_upconn_close(x->up);
@@ -748,6 +838,17 @@ void sl_proxy_start(sl_conn_t *c) {
                   sl_http_req_url(r));
     return;
   }
+  /* Upgrades are honoured on WebSocket pools; elsewhere Upgrade is an ignored hop-by-hop
+   * header (RFC 9110 7.8) and the request proceeds as plain HTTP. */
+  const sl_pool_t *pool = &x->gen->pools[route->pool_idx];
+  const char *why = NULL;
+  int ws = pool->conf->websocket ? sl_ws_upgrade_kind(r, &why) : 0;
+  if (ws < 0) {
+    respond_error(x, 400, "bad_request", "%s", why);
+    return;
+  }
+  x->ws_upgrade = ws == 1;
+  x->ws_ready = x->ws_refused = x->ws_bad_accept = false;
   set_pool(x, &x->gen->pools[route->pool_idx]);
   dispatch(x);
 }

@@ -62,6 +62,11 @@ typedef struct sl_exchange {
   bool fell_back;         /* moved to the fallback pool already */
   bool retrying;          /* counted in pool->view.retrying: decided to retry (backoff on) */
   bool head_request;
+  bool ws_upgrade;        /* the client asked for a WebSocket session */
+  bool ws_ready;          /* the upstream answered 101 with a valid accept key */
+  bool ws_refused;        /* the upstream answered the upgrade with another status */
+  bool ws_bad_accept;     /* ... or with a wrong Sec-WebSocket-Accept */
+  struct sl_ws *ws;       /* the session, once both sides switched protocols */
   char request_id[129];
 } sl_exchange_t;
 
@@ -72,6 +77,9 @@ void sl_proxy_start(struct sl_conn *c);
 void sl_proxy_abort(sl_exchange_t *x);
 /* Client-side queued writes drained below the low-water mark. */
 void sl_proxy_client_drained(sl_exchange_t *x);
+/* The WebSocket session ended: releases the endpoint slot (upstream_ok says whether the
+ * upstream leg ended cleanly) and closes the client connection gracefully when alive. */
+void sl_proxy_ws_end(sl_exchange_t *x, bool client_alive, bool upstream_ok);
 /* A slot may be free for a queued exchange. Returns false when x stays queued. */
 bool sl_proxy_offer_slot(sl_exchange_t *x);
 void sl_proxy_init(sl_exchange_t *x, struct sl_conn *c);

@@ -1,6 +1,7 @@
 #include "server.h"
 
 #include "admin.h"
+#include "ws.h"
 #include "io.h"
 #include "log.h"
 
@@ -62,6 +63,10 @@ static void on_write_done(uv_stream_t *s, int status) {
   size_t queued = sl_conn_queued_bytes(c);
   if (queued == 0 && c->close_after) {
     conn_finish(c);
+    return;
+  }
+  if (c->x.active && c->x.ws) {
+    sl_ws_client_drained(c->x.ws);
     return;
   }
   if (c->x.active && c->x.up_paused && queued <= SL_CLIENT_LWM) sl_proxy_client_drained(&c->x);
@@ -129,11 +134,19 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
   sl_conn_t *c = s->data;
   if (n == 0) return;
   if (n < 0) {
+    if (c->state == SL_CONN_WS) {
+      sl_ws_client_read(c->x.ws, NULL, n); /* the session closes the upstream leg properly */
+      return;
+    }
     /* EOF or error. A client that goes away while its request is served aborts it. */
     sl_conn_close(c);
     return;
   }
   if (c->state == SL_CONN_LINGER) return;
+  if (c->state == SL_CONN_WS) {
+    sl_ws_client_read(c->x.ws, buf->base, n);
+    return;
+  }
   sl_buf_append(&c->in, buf->base, (size_t)n);
   if (c->state == SL_CONN_BUSY) {
     if (c->in.len > SL_MAX_BUFFERED_INPUT) {
@@ -150,6 +163,16 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
 static void start_reading(sl_conn_t *c) {
   if (c->reading || c->closing) return;
   if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) == 0) c->reading = true;
+}
+
+void sl_conn_read_pause(sl_conn_t *c, bool pause) {
+  if (c->closing) return;
+  if (!pause) {
+    start_reading(c);
+  } else if (c->reading) {
+    uv_read_stop((uv_stream_t *)&c->tcp);
+    c->reading = false;
+  }
 }
 
 static void send_continue(sl_conn_t *c) {

@@ -20,6 +20,7 @@ enum sl_conn_state {
   SL_CONN_READING, /* a request is partly received (header/body timer) */
   SL_CONN_BUSY,    /* a request is being answered; further input is buffered */
   SL_CONN_LINGER,  /* response sent, write side shut, draining input before close */
+  SL_CONN_WS,      /* a WebSocket session: input goes to ws.c */
 };
 
 typedef struct sl_conn {
@@ -65,6 +66,8 @@ void sl_conn_send(sl_conn_t *c, int status, const char *content_type, const char
  * request. `extra` holds additional header lines ("Name: value\r\n"), or NULL. */
 void sl_conn_send_error(sl_conn_t *c, int status, const char *type, const char *msg,
                         const char *extra, bool keep_alive);
+/* Stops or resumes reading from the client (WebSocket backpressure). */
+void sl_conn_read_pause(sl_conn_t *c, bool pause);
 /* Closes the connection now (abort). Idempotent. */
 void sl_conn_close(sl_conn_t *c);
 /* The request id for the current request (set by the proxy), generated when absent. */

@@ -43,6 +43,7 @@ typedef struct sl_worker_stats {
   uint64_t accepted, requests, responses[6]; /* responses by status class 1xx..5xx, [0] other */
   uint64_t upstream_connect_errors, upstream_timeouts, policy_errors;
   uint64_t reloads_ok, reloads_failed;
+  uint64_t ws_sessions, ws_upstream_lost;
 } sl_worker_stats_t;
 
 typedef struct sl_worker {

@@ -158,6 +158,7 @@ local pool_schema = record({
   }, false),
   fallback = str(nil, "^[%w_%-]+$", "a pool name"),
   preserve_host = bool(false),
+  websocket = record({ max_message_bytes = int(125, 2 ^ 31, 1024 * 1024) }),
 })
 
 local schema = record({

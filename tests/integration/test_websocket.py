@@ -1,0 +1,236 @@
+"""WebSocket through sluice with a real client (python3-websockets): handshake forwarding and
+retry, relay integrity, fragmentation, close codes both ways, upstream loss (1011), message
+size limit (1009), many concurrent sessions, and sessions surviving a reload."""
+
+import asyncio
+import hashlib
+import os
+import re
+import sys
+import threading
+import unittest
+
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
+import harness as h  # noqa: E402
+import websockets  # noqa: E402  (Debian python3-websockets)
+
+
+class Upstream:
+    """A WebSocket server on its own asyncio loop in a thread. Echoes messages; `close:C:R`
+    makes it close with code C and reason R; records request headers and close codes."""
+
+    def __init__(self, refuse=None):
+        self.refuse = refuse  # HTTP status to refuse handshakes with
+        self.headers = []
+        self.close_codes = []
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        self.ready.wait(5)
+
+    async def _handler(self, ws, path=None):
+        self.headers.append(ws.request_headers)  # case-insensitive lookups
+        try:
+            async for msg in ws:
+                if isinstance(msg, str) and msg.startswith("close:"):
+                    _, code, reason = msg.split(":", 2)
+                    await ws.close(int(code), reason)
+                    return
+                await ws.send(msg)
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            self.close_codes.append(ws.close_code)
+
+    async def _process_request(self, path, headers):
+        if self.refuse:
+            return (self.refuse, [("Content-Type", "text/plain")], b"refused\n")
+        return None
+
+    def _run(self):
+        asyncio.set_event_loop(self.loop)
+
+        async def start():
+            self.server = await websockets.serve(self._handler, "127.0.0.1", 0, max_size=None,
+                                                 subprotocols=["stt.v1"],
+                                                 process_request=self._process_request)
+            self.port = self.server.sockets[0].getsockname()[1]
+            self.ready.set()
+
+        self.loop.run_until_complete(start())
+        self.loop.run_forever()
+
+    @property
+    def url(self):
+        return "ws://127.0.0.1:%d" % self.port
+
+    def kill(self):
+        """Drops every connection without a close frame (like a crashed instance)."""
+        def drop():
+            self.server.close()
+            for ws in list(self.server.websockets):
+                ws.transport.abort()
+        self.loop.call_soon_threadsafe(drop)
+
+    def stop(self):
+        def stop():
+            self.server.close()
+            self.loop.stop()
+        self.loop.call_soon_threadsafe(stop)
+        self.thread.join(5)
+
+
+def run(coro, timeout=30):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+class WebSocketTest(h.SluiceTestCase):
+
+    @classmethod
+    def setUpEnv(cls):
+        cls.up = Upstream()
+        cls.up2 = Upstream()
+        cls.refusing = Upstream(refuse=503)
+        cls.dead = h.free_port()
+        pools = {
+            "stt": h.make_pool([cls.up.url], websocket={"max_message_bytes": 4 * 1024 * 1024}),
+            "small": h.make_pool([cls.up.url], websocket={"max_message_bytes": 1024}),
+            "retry": h.make_pool([cls.refusing.url, cls.up2.url], balancer="round_robin",
+                                 retry={"attempts": 3, "retry_on": ["connect_error", "reset", 503]}),
+            "down": h.make_pool([cls.refusing.url, "ws://127.0.0.1:%d" % cls.dead],
+                                balancer="round_robin"),
+            "kill": h.make_pool([cls.up2.url]),
+        }
+        routes = [{"path": "/v1/listen", "pool": "stt"}, {"path": "/small", "pool": "small"},
+                  {"path": "/retry", "pool": "retry"}, {"path": "/down", "pool": "down"},
+                  {"path": "/kill", "pool": "kill"}]
+        cls.s = cls.env.sluice(h.make_config(pools, routes, watch=False))
+        cls.admin = int(cls.s.wait_log(re.compile(r"admin listening on 127\.0\.0\.1:(\d+)"), 5).group(1))
+
+    @classmethod
+    def tearDownClass(cls):
+        super().tearDownClass()
+        for u in (cls.up, cls.up2, cls.refusing):
+            u.stop()
+
+    def uri(self, path):
+        return "ws://127.0.0.1:%d%s" % (self.s.port, path)
+
+    def test_relay_integrity_and_headers(self):
+        async def go():
+            async with websockets.connect(self.uri("/v1/listen?lang=en"), subprotocols=["stt.v1"],
+                                          extra_headers={"Authorization": "Bearer t0k"},
+                                          max_size=None) as ws:
+                self.assertEqual(ws.subprotocol, "stt.v1")
+                self.assertIsNotNone(ws.response_headers.get("x-request-id"))
+                await ws.send("hello")
+                self.assertEqual(await ws.recv(), "hello")
+                blob = os.urandom(1 << 20)
+                await ws.send(blob)
+                back = await ws.recv()
+                self.assertEqual(hashlib.sha256(back).digest(), hashlib.sha256(blob).digest())
+                # a fragmented message arrives whole
+                await ws.send(iter([b"ab", b"cd", b"ef"]))
+                self.assertEqual(await ws.recv(), b"abcdef")
+        run(go())
+        hdrs = self.up.headers[-1]
+        self.assertEqual(hdrs.get("Authorization"), "Bearer t0k")
+        self.assertIn("stt.v1", hdrs.get("Sec-WebSocket-Protocol", ""))
+        self.assertNotIn("Sec-WebSocket-Extensions", hdrs)  # frames are parsed: no compression
+        self.assertIn("X-Request-Id", hdrs)
+
+    def test_close_codes_both_ways(self):
+        async def server_closes():
+            async with websockets.connect(self.uri("/v1/listen")) as ws:
+                await ws.send("close:4001:bye")
+                with self.assertRaises(websockets.ConnectionClosed) as cm:
+                    await ws.recv()
+                return cm.exception.rcvd
+
+        rcvd = run(server_closes())
+        self.assertEqual((rcvd.code, rcvd.reason), (4001, "bye"))
+
+        async def client_closes():
+            ws = await websockets.connect(self.uri("/v1/listen"))
+            await ws.send("x")
+            await ws.recv()
+            await ws.close(4002, "client bye")
+            return ws.close_code
+
+        self.assertEqual(run(client_closes()), 4002)
+        h.wait_for(lambda: 4002 in self.up.close_codes, 5, what="upstream saw close code 4002")
+
+    def test_oversized_message_closes_1009(self):
+        async def go():
+            async with websockets.connect(self.uri("/small"), max_size=None) as ws:
+                await ws.send(b"x" * 2048)
+                with self.assertRaises(websockets.ConnectionClosed) as cm:
+                    await ws.recv()
+                return cm.exception.rcvd.code
+        self.assertEqual(run(go()), 1009)
+
+    def test_handshake_refusal_retried_invisibly(self):
+        async def go():
+            for _ in range(4):  # round robin: every other attempt starts on the refusing one
+                async with websockets.connect(self.uri("/retry")) as ws:
+                    await ws.send("ok")
+                    self.assertEqual(await ws.recv(), "ok")
+        run(go())
+
+    def test_all_endpoints_fail_gives_http_error_not_101(self):
+        async def go():
+            with self.assertRaises(websockets.InvalidStatusCode) as cm:
+                await websockets.connect(self.uri("/down"))
+            return cm.exception.status_code
+        self.assertIn(run(go()), (502, 503))
+
+    def test_upstream_lost_mid_session_closes_client_1011(self):
+        async def go():
+            async with websockets.connect(self.uri("/kill")) as ws:
+                await ws.send("one")
+                self.assertEqual(await ws.recv(), "one")
+                self.up2.kill()
+                with self.assertRaises(websockets.ConnectionClosed) as cm:
+                    await ws.recv()
+                return cm.exception.rcvd
+        rcvd = run(go())
+        self.assertEqual(rcvd.code, 1011)
+        self.assertIn("upstream", rcvd.reason)
+
+    def test_many_concurrent_sessions(self):
+        async def one(i):
+            async with websockets.connect(self.uri("/v1/listen")) as ws:
+                for j in range(3):
+                    msg = "s%d-%d" % (i, j)
+                    await ws.send(msg)
+                    if await ws.recv() != msg:
+                        return False
+                return True
+
+        async def go():
+            return await asyncio.gather(*(one(i) for i in range(200)))
+        self.assertTrue(all(run(go(), timeout=60)))
+
+    def test_session_survives_reload(self):
+        async def go():
+            async with websockets.connect(self.uri("/v1/listen")) as ws:
+                await ws.send("before")
+                self.assertEqual(await ws.recv(), "before")
+                status, _, body = await asyncio.get_running_loop().run_in_executor(
+                    None, h.http_request, self.admin, "POST", "/reload")
+                self.assertEqual(status, 200, body)
+                await ws.send("after")
+                self.assertEqual(await ws.recv(), "after")
+        run(go())
+
+    def test_malformed_upgrade_is_400(self):
+        status, _, body = h.http_request(self.s.port, "GET", "/v1/listen",
+                                         {"Connection": "Upgrade", "Upgrade": "websocket",
+                                          "Sec-WebSocket-Version": "13"})
+        self.assertEqual(status, 400)
+        self.assertIn(b"Sec-WebSocket-Key", body)
+
+
+if __name__ == "__main__":
+    unittest.main()
