@@ -162,6 +162,8 @@ static void read_pool(lua_State *L, int idx, const char *name, sl_pool_conf_t *p
   p->preserve_host = get_bool(L, idx, "preserve_host");
   int ws = push_sub(L, idx, "websocket");
   p->ws_max_message_bytes = (uint64_t)get_int(L, ws, "max_message_bytes");
+  p->ws_idle_timeout_ms = (uint32_t)get_int(L, ws, "idle_timeout_ms");
+  p->ws_ping_interval_ms = (uint32_t)get_int(L, ws, "ping_interval_ms");
   lua_pop(L, 1);
 
   int t = push_sub(L, idx, "queue");

@@ -29,6 +29,8 @@ typedef struct sl_pool_conf {
   int fallback_idx; /* -1 = none */
   bool preserve_host;
   uint64_t ws_max_message_bytes;
+  uint32_t ws_idle_timeout_ms;  /* 0 = none */
+  uint32_t ws_ping_interval_ms; /* 0 = no keepalive pings */
   bool websocket; /* some endpoint is ws:// or wss://: upgrades on its routes become sessions */
 
   bool retry_enabled;

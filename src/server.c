@@ -427,7 +427,10 @@ void sl_server_drain(sl_worker_t *w) {
   while (l != &w->conns) {
     sl_conn_t *c = SL_CONTAINER_OF(l, sl_conn_t, link);
     l = l->next;
-    if (c->state == SL_CONN_IDLE && c->in.len == 0) sl_conn_close(c);
+    if (c->state == SL_CONN_IDLE && c->in.len == 0)
+      sl_conn_close(c);
+    else if (c->state == SL_CONN_WS && c->x.ws)
+      sl_ws_shutdown(c->x.ws); /* sessions last minutes: close them now, properly */
   }
 }
 

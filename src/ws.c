@@ -27,6 +27,9 @@ struct sl_ws {
   unsigned busy;        /* nesting of entry points; freeing waits for 0 */
   bool dead;            /* freed while busy */
   bool ending;
+  uint64_t last_activity_ms; /* a message or frame in either direction */
+  uint64_t last_ping_ms;
+  bool close_wait; /* the session timer now bounds the close handshake */
 };
 
 static const char ws_guid[] = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -170,9 +173,13 @@ void sl_ws_free(sl_ws_t *ws) {
   really_free(ws);
 }
 
+/* Done when gone, or when our close went out and the peer's close came back — or can no longer
+ * come: wslay stops reading on a protocol error, including close codes it does not know, such
+ * as a peer echoing 1012. */
 static bool leg_finished(sl_ws_t *ws, int s) {
-  return ws->lost[s] || (wslay_event_get_close_sent(ws->side[s]) &&
-                         wslay_event_get_close_received(ws->side[s]));
+  wslay_event_context_ptr c = ws->side[s];
+  return ws->lost[s] || (wslay_event_get_close_sent(c) &&
+                         (wslay_event_get_close_received(c) || !wslay_event_get_read_enabled(c)));
 }
 
 static void set_paused(sl_ws_t *ws, int s, bool pause) {
@@ -184,13 +191,55 @@ static void set_paused(sl_ws_t *ws, int s, bool pause) {
     sl_upconn_read_pause(ws->x->up, pause);
 }
 
-static void on_close_wait(uv_timer_t *t) {
+static void pump(sl_ws_t *ws);
+static void enter(sl_ws_t *ws);
+static bool leave(sl_ws_t *ws);
+
+static bool closing(const sl_ws_t *ws) {
+  for (int s = 0; s < 2; s++)
+    if (ws->lost[s] || wslay_event_get_close_sent(ws->side[s]) ||
+        wslay_event_get_close_received(ws->side[s]))
+      return true;
+  return false;
+}
+
+/* Period of the session timer: keepalive pings and the idle check. */
+static uint64_t tick_ms(const sl_ws_t *ws) {
+  const sl_pool_conf_t *pc = ws->x->pool->conf;
+  uint64_t t = UINT64_MAX;
+  if (pc->ws_ping_interval_ms) t = pc->ws_ping_interval_ms;
+  if (pc->ws_idle_timeout_ms) t = SL_MIN(t, SL_MAX(pc->ws_idle_timeout_ms / 4, 1u));
+  return t;
+}
+
+static void on_session_timer(uv_timer_t *t) {
   sl_exchange_t *x = t->data;
   sl_ws_t *ws = x->ws;
   if (!ws || ws->ending) return;
-  SL_INFO("request %s: WebSocket close handshake timed out", x->request_id);
-  ws->ending = true;
-  sl_proxy_ws_end(x, false, !ws->lost[UPSTREAM]);
+  if (closing(ws)) { /* the close handshake did not finish in time */
+    SL_INFO("request %s: WebSocket close handshake timed out", x->request_id);
+    ws->ending = true;
+    sl_proxy_ws_end(x, false, !ws->lost[UPSTREAM]);
+    return;
+  }
+  const sl_pool_conf_t *pc = x->pool->conf;
+  uint64_t now = sl_worker_now(x->conn->w);
+  enter(ws);
+  if (pc->ws_idle_timeout_ms && now - ws->last_activity_ms >= pc->ws_idle_timeout_ms) {
+    queue_close(ws, CLIENT, 1001, "idle timeout");
+    queue_close(ws, UPSTREAM, 1001, "idle timeout");
+  } else if (pc->ws_ping_interval_ms && now - ws->last_ping_ms >= pc->ws_ping_interval_ms) {
+    /* Keepalive on both legs; wslay answers the peers' pongs and counts them as traffic. */
+    struct wslay_event_msg ping = {WSLAY_PING, NULL, 0};
+    for (int s = 0; s < 2; s++)
+      if (!ws->lost[s]) wslay_event_queue_msg(ws->side[s], &ping);
+    ws->last_ping_ms = now;
+  }
+  if (!ws->dead) pump(ws);
+  if (leave(ws) && !ws->ending && x->ws == ws) {
+    uint64_t tick = tick_ms(ws);
+    if (tick != UINT64_MAX && !closing(ws)) uv_timer_start(&x->timer, on_session_timer, tick, 0);
+  }
 }
 
 /* After any event: flush both legs, apply backpressure, and end the session once both legs are
@@ -226,12 +275,10 @@ static void pump(sl_ws_t *ws) {
     sl_proxy_ws_end(ws->x, !ws->lost[CLIENT], !ws->lost[UPSTREAM]);
     return;
   }
-  bool closing = false;
-  for (int s = 0; s < 2; s++)
-    closing |= ws->lost[s] || wslay_event_get_close_sent(ws->side[s]) ||
-               wslay_event_get_close_received(ws->side[s]);
-  if (closing && !uv_is_active((uv_handle_t *)&ws->x->timer))
-    uv_timer_start(&ws->x->timer, on_close_wait, SL_WS_CLOSE_WAIT_MS, 0);
+  if (closing(ws) && !ws->close_wait) {
+    ws->close_wait = true;
+    uv_timer_start(&ws->x->timer, on_session_timer, SL_WS_CLOSE_WAIT_MS, 0);
+  }
 }
 
 static void enter(sl_ws_t *ws) { ws->busy++; }
@@ -249,6 +296,7 @@ static void feed(sl_ws_t *ws, int s, const char *data, size_t n) {
   if (ws->lost[s] || !wslay_event_get_read_enabled(ws->side[s])) return;
   ws->in[s] = data;
   ws->in_len[s] = n;
+  ws->last_activity_ms = sl_worker_now(ws->x->conn->w);
   if (wslay_event_recv(ws->side[s]) != 0) ws->lost[s] = true;
   ws->in_len[s] = 0;
 }
@@ -336,6 +384,9 @@ int sl_ws_start(sl_exchange_t *x, const char *accept, const char *protocol,
   x->up->ops = &ws_up_ops;
   x->up->ctx = ws;
   x->conn->w->stats.ws_sessions++;
+  ws->last_activity_ms = ws->last_ping_ms = sl_worker_now(x->conn->w);
+  uint64_t tick = tick_ms(ws);
+  if (tick != UINT64_MAX) uv_timer_start(&x->timer, on_session_timer, tick, 0);
   enter(ws);
   if (early_len) feed(ws, UPSTREAM, early, early_len);
   sl_conn_t *c = x->conn;
@@ -346,4 +397,12 @@ int sl_ws_start(sl_exchange_t *x, const char *accept, const char *protocol,
   if (!ws->dead) pump(ws);
   leave(ws);
   return 0;
+}
+
+void sl_ws_shutdown(sl_ws_t *ws) {
+  enter(ws);
+  queue_close(ws, CLIENT, 1012, "gateway restarting");
+  queue_close(ws, UPSTREAM, 1001, "gateway shutting down");
+  if (!ws->dead) pump(ws);
+  leave(ws);
 }

@@ -32,6 +32,8 @@ int sl_ws_start(struct sl_exchange *x, const char *accept, const char *protocol,
 
 void sl_ws_client_read(sl_ws_t *ws, const char *data, ssize_t n);
 void sl_ws_client_drained(sl_ws_t *ws);
+/* The gateway is draining: close both legs now (1012 to the client, 1001 upstream). */
+void sl_ws_shutdown(sl_ws_t *ws);
 /* Abort: frees the session without further I/O (the connections are being closed). */
 void sl_ws_free(sl_ws_t *ws);
 

@@ -158,7 +158,11 @@ local pool_schema = record({
   }, false),
   fallback = str(nil, "^[%w_%-]+$", "a pool name"),
   preserve_host = bool(false),
-  websocket = record({ max_message_bytes = int(125, 2 ^ 31, 1024 * 1024) }),
+  websocket = record({
+    max_message_bytes = int(125, 2 ^ 31, 1024 * 1024),
+    idle_timeout_ms = int(0, 86400000, 300000),
+    ping_interval_ms = int(0, 86400000, 0),
+  }),
 })
 
 local schema = record({

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import os
 import re
+import signal
 import sys
 import threading
 import unittest
@@ -33,6 +34,13 @@ class Upstream:
         self.headers.append(ws.request_headers)  # case-insensitive lookups
         try:
             async for msg in ws:
+                if isinstance(msg, str) and msg.startswith("flood:"):
+                    _, n, size = msg.split(":")
+                    chunk = b"f" * int(size)
+                    for _ in range(int(n)):
+                        await ws.send(chunk)  # waits while the socket is full
+                    await ws.send("flood-done")
+                    continue
                 if isinstance(msg, str) and msg.startswith("close:"):
                     _, code, reason = msg.split(":", 2)
                     await ws.close(int(code), reason)
@@ -101,10 +109,14 @@ class WebSocketTest(h.SluiceTestCase):
             "down": h.make_pool([cls.refusing.url, "ws://127.0.0.1:%d" % cls.dead],
                                 balancer="round_robin"),
             "kill": h.make_pool([cls.up2.url]),
+            "idle": h.make_pool([cls.up.url], websocket={"idle_timeout_ms": 300}),
+            "ping": h.make_pool([cls.up.url], websocket={"idle_timeout_ms": 400,
+                                                          "ping_interval_ms": 100}),
         }
         routes = [{"path": "/v1/listen", "pool": "stt"}, {"path": "/small", "pool": "small"},
                   {"path": "/retry", "pool": "retry"}, {"path": "/down", "pool": "down"},
-                  {"path": "/kill", "pool": "kill"}]
+                  {"path": "/kill", "pool": "kill"}, {"path": "/idle", "pool": "idle"},
+                  {"path": "/ping", "pool": "ping"}]
         cls.s = cls.env.sluice(h.make_config(pools, routes, watch=False))
         cls.admin = int(cls.s.wait_log(re.compile(r"admin listening on 127\.0\.0\.1:(\d+)"), 5).group(1))
 
@@ -224,12 +236,78 @@ class WebSocketTest(h.SluiceTestCase):
                 self.assertEqual(await ws.recv(), "after")
         run(go())
 
+    def test_idle_session_closed_1001(self):
+        async def go():
+            async with websockets.connect(self.uri("/idle")) as ws:
+                with self.assertRaises(websockets.ConnectionClosed) as cm:
+                    await asyncio.wait_for(ws.recv(), 5)
+                return cm.exception.rcvd
+        rcvd = run(go())
+        self.assertEqual((rcvd.code, rcvd.reason), (1001, "idle timeout"))
+
+    def test_keepalive_pings_keep_a_quiet_session_open(self):
+        async def go():
+            async with websockets.connect(self.uri("/ping")) as ws:
+                await asyncio.sleep(1.2)  # three idle timeouts' worth, pings every 100 ms
+                await ws.send("still here")
+                return await ws.recv()
+        self.assertEqual(run(go()), "still here")
+
+    def test_slow_client_keeps_gateway_memory_bounded(self):
+        async def go():
+            async with websockets.connect(self.uri("/v1/listen"), max_size=None,
+                                          max_queue=1, read_limit=2 ** 16) as ws:
+                before = h.rss_kb(self.s.pid)
+                await ws.send("flood:1500:65536")  # ~94 MiB toward a client that reads nothing
+                await asyncio.sleep(1.5)
+                peak = h.rss_kb(self.s.pid)
+                n = 0
+                while True:
+                    m = await ws.recv()
+                    if m == "flood-done":
+                        break
+                    n += 1
+                return before, peak, n
+        before, peak, n = run(go(), timeout=60)
+        self.assertEqual(n, 1500)
+        if os.environ.get("SLUICE_SANITIZED") == "1":
+            return  # ASan's quarantine keeps freed buffers resident: RSS says nothing here
+        self.assertLess(peak - before, 8 * 1024, "sluice buffered the flood: %d -> %d KiB" % (before, peak))
+
     def test_malformed_upgrade_is_400(self):
         status, _, body = h.http_request(self.s.port, "GET", "/v1/listen",
                                          {"Connection": "Upgrade", "Upgrade": "websocket",
                                           "Sec-WebSocket-Version": "13"})
         self.assertEqual(status, 400)
         self.assertIn(b"Sec-WebSocket-Key", body)
+
+
+class WebSocketDrainTest(h.SluiceTestCase):
+    """SIGTERM closes open sessions properly (1012 to the client) and exits 0 promptly."""
+
+    @classmethod
+    def setUpEnv(cls):
+        cls.up = Upstream()
+        cls.s = cls.env.sluice(h.make_config({"stt": h.make_pool([cls.up.url])},
+                                             [{"path": "/", "pool": "stt"}], watch=False))
+
+    @classmethod
+    def tearDownClass(cls):
+        super().tearDownClass()
+        cls.up.stop()
+
+    def test_sigterm_closes_sessions_with_1012(self):
+        async def go():
+            async with websockets.connect("ws://127.0.0.1:%d/x" % self.s.port) as ws:
+                await ws.send("hi")
+                await ws.recv()
+                self.s.proc.send_signal(signal.SIGTERM)
+                with self.assertRaises(websockets.ConnectionClosed) as cm:
+                    await asyncio.wait_for(ws.recv(), 5)
+                return cm.exception.rcvd
+        rcvd = run(go())
+        self.assertEqual(rcvd.code, 1012)
+        self.assertEqual(self.s.wait_exit(5), 0)
 
 
 if __name__ == "__main__":
