@@ -57,6 +57,15 @@ void sl_lua_set_mode(lua_State *L, bool jit, uint64_t budget) {
   }
 }
 
+#ifndef SLUICE_POLICY_DIR
+#define SLUICE_POLICY_DIR "policies"
+#endif
+
+const char *sl_bundled_policy_dir(void) {
+  const char *d = getenv("SLUICE_POLICY_DIR");
+  return d && *d ? d : SLUICE_POLICY_DIR;
+}
+
 lua_State *sl_lua_newstate(void) {
   lua_State *L = luaL_newstate();
   if (!L) {
@@ -274,7 +283,11 @@ int sl_policy_init(sl_worker_t *w, char *err, size_t errlen) {
 int sl_policy_load(sl_worker_t *w, sl_gen_t *g, const char *kind, const char *name, char *err,
                    size_t errlen) {
   lua_State *L = w->L;
+  lua_createtable(L, 2, 0);
   lua_pushstring(L, g->cfg->policies_dir);
+  lua_rawseti(L, -2, 1);
+  lua_pushstring(L, sl_bundled_policy_dir());
+  lua_rawseti(L, -2, 2);
   lua_pushstring(L, kind);
   lua_pushstring(L, name);
   lua_rawgeti(L, LUA_REGISTRYINDEX, g->lua_ctx);

@@ -19,6 +19,10 @@ const char *sl_lua_dir(void);
  * is off and an instruction budget guards every call (see sl_lua_budget_reset). */
 lua_State *sl_lua_newstate(void);
 
+/* The bundled policies ($SLUICE_POLICY_DIR or the compiled-in default), searched after the
+ * config's policies directory, so built-in policies need not be copied to be used. */
+const char *sl_bundled_policy_dir(void);
+
 /* Instruction budget. LuaJIT cannot interrupt a compiled loop, so a budget is only enforceable
  * with the JIT off: the count hook then stops a runaway policy with an error naming its line.
  * sl_lua_set_mode(L, true, ...) trades that safety for speed. */

@@ -115,11 +115,13 @@ sl_gen_t *sl_gen_build(sl_worker_t *w, sl_config_t *cfg, char *err, size_t errle
   lua_getfield(L, -1, "context");
   lua_remove(L, -2);
   lua_getfield(L, LUA_REGISTRYINDEX, "sluice.module");
-  lua_createtable(L, 2, 0);
+  lua_createtable(L, 3, 0);
   lua_pushstring(L, cfg->policies_dir);
   lua_rawseti(L, -2, 1);
-  lua_pushstring(L, sl_lua_dir());
+  lua_pushstring(L, sl_bundled_policy_dir());
   lua_rawseti(L, -2, 2);
+  lua_pushstring(L, sl_lua_dir());
+  lua_rawseti(L, -2, 3);
   if (sl_lua_pcall(L, 2, 1, err, errlen) != 0) goto fail;
   g->lua_ctx = luaL_ref(L, LUA_REGISTRYINDEX);
 

@@ -28,6 +28,8 @@ local function str(default, pattern, what) return { kind = "string", default = d
 local function bool(default) return { kind = "boolean", default = default } end
 local function enum(values, default) return { kind = "enum", values = values, default = default } end
 local function record(fields, default) return { kind = "record", fields = fields, default = default } end
+-- A record that may also be written as `false` to turn the feature off.
+local function switchable(fields) local r = record(fields); r.allow_false = true; return r end
 local function array(of, opts) opts = opts or {}; return { kind = "array", of = of, min = opts.min, default = opts.default } end
 local function map(of) return { kind = "map", of = of, default = {} } end
 local function any_table() return { kind = "any_table", default = {} } end
@@ -132,8 +134,8 @@ local pool_schema = record({
     total = int(0, 86400000, 0),
   }),
   keepalive = record({ max_idle = int(0, 100000, 64), idle_timeout_ms = int(1, 86400000, 60000) }),
-  -- retry and breaker are off unless the pool configures them (false also disables).
-  retry = record({
+  -- retry and breaker are on with these defaults; `retry = false` / `breaker = false` disable.
+  retry = switchable({
     policy = str("exponential", policy_name, "a policy name"),
     attempts = int(1, 100, 3),
     base_ms = int(0, 600000, 25),
@@ -144,8 +146,8 @@ local pool_schema = record({
     budget_ratio = num(0, 1, 0.2),
     budget_min = int(0, 1000000, 3),
     max_body_bytes = int(0, 2 ^ 40, 1024 * 1024),
-  }, false),
-  breaker = record({
+  }),
+  breaker = switchable({
     policy = str("consecutive", policy_name, "a policy name"),
     failures = int(1, 1000000, 5),
     failure_rate = num(0, 1, 0.5),
@@ -155,7 +157,7 @@ local pool_schema = record({
     max_open_ms = int(1, 86400000, 300000),
     half_open_probes = int(1, 1000, 1),
     max_ejected_share = num(0, 1, 0.5),
-  }, false),
+  }),
   fallback = str(nil, "^[%w_%-]+$", "a pool name"),
   preserve_host = bool(false),
   websocket = record({
@@ -220,7 +222,7 @@ function check(spec, v, path)
   if v == nil then
     if k == "record" and spec.default == nil then v = {} else return default_of(spec) end
   end
-  if v == false and k == "record" and spec.default == false then return false end
+  if v == false and k == "record" and (spec.default == false or spec.allow_false) then return false end
   if k == "integer" or k == "number" then
     if type(v) ~= "number" or (k == "integer" and v % 1 ~= 0) then
       fail(path, "expected " .. (k == "integer" and "an integer" or "a number") .. ", got " .. describe(v))

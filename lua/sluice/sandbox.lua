@@ -67,11 +67,17 @@ end
 -- Loads policies/<kind>/<name>.lua and checks it has the hooks its kind requires.
 local REQUIRED = { balancer = { "pick" }, retry = { "decide" }, breaker = { "record" } }
 
-function M.load_policy(dir, kind, name, ctx)
-  local path = dir .. "/" .. kind .. "/" .. name .. ".lua"
-  local f = io.open(path, "rb")
-  if not f then error(path .. ": policy file not found (" .. kind .. " '" .. name .. "')", 0) end
-  f:close()
+-- dirs: the config's policies directory, then the bundled one; the first that has the file wins.
+function M.load_policy(dirs, kind, name, ctx)
+  local path
+  for _, dir in ipairs(dirs) do
+    local p = dir .. "/" .. kind .. "/" .. name .. ".lua"
+    local f = io.open(p, "rb")
+    if f then f:close(); path = p; break end
+  end
+  if not path then
+    error("policy file not found: " .. kind .. "/" .. name .. ".lua (looked in " .. table.concat(dirs, ", ") .. ")", 0)
+  end
   local mod = M.run(path, ctx)
   if type(mod) ~= "table" then error(path .. ": a policy must return a table, got " .. type(mod), 0) end
   for _, hook in ipairs(REQUIRED[kind] or {}) do

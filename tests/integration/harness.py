@@ -159,7 +159,9 @@ def make_pool(endpoints, balancer="round_robin", **kw):
     eps = []
     for e in endpoints:
         eps.append(e.url if isinstance(e, Mock) else e)
-    p = {"endpoints": eps, "balancer": balancer}
+    # Pools retry and eject failing endpoints by default; most tests look at what one attempt
+    # does, so they opt back in explicitly where resilience is what they test.
+    p = {"endpoints": eps, "balancer": balancer, "retry": False, "breaker": False}
     p.update(kw)
     return p
 
