@@ -8,7 +8,7 @@
 #
 # Environment: DURATION (40 s per run), OUT (/tmp/peak-hour), SEED (1, the arrival trace),
 # HIGH/LOW/PHASE (1.10/0.60/2: offered load as a share of capacity, alternating every PHASE s),
-# BALANCERS ("round_robin least_queue"; the first two are compared and plotted; a name may
+# BALANCERS ("round_robin least_queue least_queue:mi2"; the first two are compared and plotted; a name may
 #   carry diagnostic variants: least_queue:mi2 = max_inflight 2, least_queue:w = weights),
 # FAST_MS/FAST_JITTER (170/20: ~180 ms), SLOW_MS/SLOW_JITTER (300/100: ~350 ms),
 # SLOTS (2, --max-concurrency of each instance), BUILD_DIR (build/release), NO_BUILD=1.
@@ -24,7 +24,7 @@ DURATION="${DURATION:-40}"
 OUT="${OUT:-/tmp/peak-hour}"
 SEED="${SEED:-1}"
 HIGH="${HIGH:-1.10}" LOW="${LOW:-0.60}" PHASE="${PHASE:-2}"
-BALANCERS="${BALANCERS:-round_robin least_queue}"
+BALANCERS="${BALANCERS:-round_robin least_queue least_queue:mi2}"
 FAST_MS="${FAST_MS:-170}" FAST_JITTER="${FAST_JITTER:-20}"
 SLOW_MS="${SLOW_MS:-300}" SLOW_JITTER="${SLOW_JITTER:-100}"
 SLOTS="${SLOTS:-2}"
