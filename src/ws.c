@@ -30,6 +30,14 @@ struct sl_ws {
   uint64_t last_activity_ms; /* a message or frame in either direction */
   uint64_t last_ping_ms;
   bool close_wait; /* the session timer now bounds the close handshake */
+  /* A close waiting for the leg's queued messages to go out first: wslay sends control frames
+   * ahead of queued data, which would let a close overtake the last message. */
+  struct {
+    bool pending;
+    uint16_t code;
+    uint8_t reason[123];
+    size_t len;
+  } close_after[2];
 };
 
 static const char ws_guid[] = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -127,10 +135,23 @@ static int on_genmask(wslay_event_context_ptr ctx, uint8_t *buf, size_t len, voi
   return 0;
 }
 
+static bool close_started(const sl_ws_t *ws, int s) {
+  return ws->close_after[s].pending || wslay_event_get_close_sent(ws->side[s]);
+}
+
+/* Queues a close on leg s once everything already queued there has been sent. */
+static void close_leg(sl_ws_t *ws, int s, uint16_t code, const uint8_t *reason, size_t len) {
+  if (ws->lost[s] || close_started(ws, s)) return;
+  ws->close_after[s].pending = true;
+  ws->close_after[s].code = code;
+  ws->close_after[s].len = SL_MIN(len, sizeof(ws->close_after[s].reason));
+  if (len) memcpy(ws->close_after[s].reason, reason, ws->close_after[s].len);
+}
+
 static void queue_close(sl_ws_t *ws, int s, uint16_t code, const char *reason) {
-  if (ws->lost[s] || wslay_event_get_close_sent(ws->side[s])) return;
+  if (ws->lost[s] || close_started(ws, s)) return;
   ws->own_close[s] = true;
-  wslay_event_queue_close(ws->side[s], code, (const uint8_t *)reason, reason ? strlen(reason) : 0);
+  close_leg(ws, s, code, (const uint8_t *)reason, reason ? strlen(reason) : 0);
 }
 
 /* Relays a complete message (or a close) to the other leg. */
@@ -138,14 +159,14 @@ static void on_msg(wslay_event_context_ptr ctx, const struct wslay_event_on_msg_
                    void *ud) {
   sl_ws_t *ws = ud;
   int s = side_of(ws, ctx), o = 1 - s;
-  if (ws->lost[o] || wslay_event_get_close_sent(ws->side[o])) return;
+  if (ws->lost[o] || close_started(ws, o)) return;
   if (arg->opcode == WSLAY_TEXT_FRAME || arg->opcode == WSLAY_BINARY_FRAME) {
     struct wslay_event_msg m = {arg->opcode, arg->msg, arg->msg_length};
     wslay_event_queue_msg(ws->side[o], &m);
   } else if (arg->opcode == WSLAY_CONNECTION_CLOSE) {
     /* The same code and reason, so the far end learns why (no code -> a close without one). */
     size_t rlen = arg->msg_length > 2 ? arg->msg_length - 2 : 0;
-    wslay_event_queue_close(ws->side[o], arg->status_code, rlen ? arg->msg + 2 : NULL, rlen);
+    close_leg(ws, o, arg->status_code, rlen ? arg->msg + 2 : NULL, rlen);
   }
 }
 
@@ -197,7 +218,7 @@ static bool leave(sl_ws_t *ws);
 
 static bool closing(const sl_ws_t *ws) {
   for (int s = 0; s < 2; s++)
-    if (ws->lost[s] || wslay_event_get_close_sent(ws->side[s]) ||
+    if (ws->lost[s] || ws->close_after[s].pending || wslay_event_get_close_sent(ws->side[s]) ||
         wslay_event_get_close_received(ws->side[s]))
       return true;
   return false;
@@ -244,25 +265,32 @@ static void on_session_timer(uv_timer_t *t) {
 
 /* After any event: flush both legs, apply backpressure, and end the session once both legs are
  * closed. */
+static void send_leg(sl_ws_t *ws, int s) {
+  if (ws->dead || ws->lost[s]) return;
+  if (wslay_event_want_write(ws->side[s]) && wslay_event_send(ws->side[s]) != 0) ws->lost[s] = true;
+  if (ws->dead || ws->lost[s] || !ws->close_after[s].pending ||
+      wslay_event_get_queued_msg_count(ws->side[s]) != 0)
+    return;
+  ws->close_after[s].pending = false;
+  wslay_event_queue_close(ws->side[s], ws->close_after[s].code, ws->close_after[s].reason,
+                          ws->close_after[s].len);
+  if (wslay_event_send(ws->side[s]) != 0) ws->lost[s] = true;
+}
+
 static void pump(sl_ws_t *ws) {
-  for (int s = 0; s < 2; s++) {
-    if (ws->dead) return;
-    if (ws->lost[s] || !wslay_event_want_write(ws->side[s])) continue;
-    if (wslay_event_send(ws->side[s]) != 0) ws->lost[s] = true;
-  }
+  for (int s = 0; s < 2 && !ws->dead; s++) send_leg(ws, s);
   if (ws->dead) return;
   /* A close the gateway's parser generated on one leg (1002 bad frame, 1009 too big) ends the
    * other leg too. */
   for (int s = 0; s < 2; s++) {
     int o = 1 - s;
     if (!ws->own_close[s] && wslay_event_get_close_sent(ws->side[s]) &&
-        !wslay_event_get_close_received(ws->side[s]) && !ws->lost[o] &&
-        !wslay_event_get_close_sent(ws->side[o])) {
+        !wslay_event_get_close_received(ws->side[s]) && !ws->lost[o] && !close_started(ws, o)) {
       char reason[64];
       snprintf(reason, sizeof(reason), "%s closed with %u", s == CLIENT ? "client" : "upstream",
                wslay_event_get_status_code_sent(ws->side[s]));
       queue_close(ws, o, 1001, reason);
-      if (wslay_event_send(ws->side[o]) != 0) ws->lost[o] = true;
+      send_leg(ws, o);
     }
   }
   if (ws->dead) return;
