@@ -26,6 +26,12 @@ return {
       retry = { policy = "exponential", attempts = 3, base_ms = 25, max_ms = 250 },
       breaker = { policy = "consecutive", failures = 5, open_ms = 10000 },
     },
+    stt = { -- streaming speech-to-text over WebSocket
+      endpoints = { "ws://127.0.0.1:9101", "ws://127.0.0.1:9102" },
+      balancer = "least_queue",    -- an open session counts as in flight
+      max_inflight = 64,
+      websocket = { max_message_bytes = 1024 * 1024, idle_timeout_ms = 60000, ping_interval_ms = 20000 },
+    },
     tts = {
       endpoints = { { url = "http://127.0.0.1:9301", weight = 1 } },
       balancer = "round_robin",
@@ -34,6 +40,7 @@ return {
 
   routes = {
     { path = "/v1/chat/completions", pool = "llm" },
+    { path = "/v1/listen", pool = "stt" },
     { path = "/v1/audio/speech", pool = "tts" },
     { path = "/echo", pool = "llm" },
   },

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 bash scripts/setup.sh
 cmake -S . -B build/release -DSLUICE_TESTS=OFF >/dev/null
-cmake --build build/release -j"$(nproc)" --target sluice sluice-mock
+cmake --build build/release -j"$(nproc)" --target sluice sluice-mock sluice-mock-stt
 
 bin=build/release
 pids=()
@@ -20,6 +20,8 @@ trap cleanup EXIT INT TERM
 "$bin/examples/mock/sluice-mock" --listen 127.0.0.1:9201 --name llm-1 --latency-ms 20 --sse-interval-ms 150 & pids+=($!)
 "$bin/examples/mock/sluice-mock" --listen 127.0.0.1:9202 --name llm-2 --latency-ms 20 --sse-interval-ms 150 & pids+=($!)
 "$bin/examples/mock/sluice-mock" --listen 127.0.0.1:9301 --name tts-1 --latency-ms 40 & pids+=($!)
+"$bin/examples/mock/stt/sluice-mock-stt" --listen 127.0.0.1:9101 --name stt-1 --quiet & pids+=($!)
+"$bin/examples/mock/stt/sluice-mock-stt" --listen 127.0.0.1:9102 --name stt-2 --quiet & pids+=($!)
 
 "$bin/sluice" --check -c examples/sluice.lua
 "$bin/sluice" -c examples/sluice.lua & pids+=($!)
@@ -27,7 +29,8 @@ for _ in $(seq 50); do curl -s -o /dev/null http://127.0.0.1:9901/healthz && bre
 
 cat <<'TXT'
 
-sluice is listening on http://127.0.0.1:8080 in front of three mock model servers.
+sluice is listening on http://127.0.0.1:8080 in front of mock model servers (2 LLM, 1 TTS,
+2 streaming speech-to-text over WebSocket).
 Try:
 
   # an OpenAI-style chat completion, balanced across llm-1 and llm-2 (see x-mock-instance)
@@ -46,6 +49,15 @@ Try:
   # every instance answering 503: retried with backoff on the other one (see the log),
   # then the last 503 is relayed
   curl -i http://127.0.0.1:8080/echo -H 'x-mock-status: 503'
+
+  # streaming speech-to-text over WebSocket: 20 audio frames, partial transcripts, a final one
+  /usr/bin/python3 -c 'import asyncio, websockets
+  async def main():
+      async with websockets.connect("ws://127.0.0.1:8080/v1/listen") as ws:
+          for _ in range(20): await ws.send(bytes(3200))
+          await ws.send("{\"type\":\"end\"}")
+          async for m in ws: print(m)
+  asyncio.run(main())'
 
   # load: wrk -t1 -c50 -d5s http://127.0.0.1:8080/echo
 
