@@ -100,6 +100,7 @@ class WebSocketTest(h.SluiceTestCase):
         cls.up = Upstream()
         cls.up2 = Upstream()
         cls.refusing = Upstream(refuse=503)
+        cls.up3 = Upstream()  # own endpoint: max_inflight merges across pools sharing a URL
         cls.dead = h.free_port()
         pools = {
             "stt": h.make_pool([cls.up.url], websocket={"max_message_bytes": 4 * 1024 * 1024}),
@@ -112,18 +113,19 @@ class WebSocketTest(h.SluiceTestCase):
             "idle": h.make_pool([cls.up.url], websocket={"idle_timeout_ms": 300}),
             "ping": h.make_pool([cls.up.url], websocket={"idle_timeout_ms": 400,
                                                           "ping_interval_ms": 100}),
+            "one": h.make_pool([cls.up3.url], max_inflight=1, queue={"max": 4, "timeout_ms": 300}),
         }
         routes = [{"path": "/v1/listen", "pool": "stt"}, {"path": "/small", "pool": "small"},
                   {"path": "/retry", "pool": "retry"}, {"path": "/down", "pool": "down"},
                   {"path": "/kill", "pool": "kill"}, {"path": "/idle", "pool": "idle"},
-                  {"path": "/ping", "pool": "ping"}]
+                  {"path": "/ping", "pool": "ping"}, {"path": "/one", "pool": "one"}]
         cls.s = cls.env.sluice(h.make_config(pools, routes, watch=False))
         cls.admin = int(cls.s.wait_log(re.compile(r"admin listening on 127\.0\.0\.1:(\d+)"), 5).group(1))
 
     @classmethod
     def tearDownClass(cls):
         super().tearDownClass()
-        for u in (cls.up, cls.up2, cls.refusing):
+        for u in (cls.up, cls.up2, cls.refusing, cls.up3):
             u.stop()
 
     def uri(self, path):
@@ -273,6 +275,47 @@ class WebSocketTest(h.SluiceTestCase):
         if os.environ.get("SLUICE_SANITIZED") == "1":
             return  # ASan's quarantine keeps freed buffers resident: RSS says nothing here
         self.assertLess(peak - before, 8 * 1024, "sluice buffered the flood: %d -> %d KiB" % (before, peak))
+
+    def test_invalid_frame_closes_1002_and_upstream_cleanly(self):
+        import base64
+        import socket
+        import struct
+        key = base64.b64encode(os.urandom(16)).decode()
+        n = len(self.up.close_codes)
+        with socket.create_connection(("127.0.0.1", self.s.port), timeout=5) as sock:
+            sock.sendall(("GET /v1/listen HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                          "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
+                          "Sec-WebSocket-Version: 13\r\n\r\n" % key).encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += sock.recv(4096)
+            self.assertTrue(head.startswith(b"HTTP/1.1 101"), head)
+            sock.sendall(b"\x83\x00")  # unmasked frame with reserved opcode 3
+            data = head.split(b"\r\n\r\n", 1)[1]
+            while len(data) < 4:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            self.assertEqual(data[0], 0x88, data)  # a close frame...
+            self.assertEqual(struct.unpack("!H", data[2:4])[0], 1002)  # ...with 1002
+        h.wait_for(lambda: len(self.up.close_codes) > n, 5, what="upstream leg closed")
+        self.assertIn(self.up.close_codes[-1], (1001, 1000))
+
+    def test_open_session_holds_an_endpoint_slot(self):
+        async def go():
+            async with websockets.connect(self.uri("/one")) as ws:
+                await ws.send("a")
+                await ws.recv()
+                # the pool's only slot is taken by this session: a second one waits, then 503
+                with self.assertRaises(websockets.InvalidStatusCode) as cm:
+                    await websockets.connect(self.uri("/one"))
+                self.assertEqual(cm.exception.status_code, 503)
+            # the slot is free again once the session ended
+            async with websockets.connect(self.uri("/one")) as ws2:
+                await ws2.send("b")
+                return await ws2.recv()
+        self.assertEqual(run(go()), "b")
 
     def test_malformed_upgrade_is_400(self):
         status, _, body = h.http_request(self.s.port, "GET", "/v1/listen",
