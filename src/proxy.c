@@ -175,7 +175,12 @@ static void attempt_failed(sl_exchange_t *x, const sl_outcome_t *o, int64_t deci
   const char *url = x->ep ? x->ep->url : "?";
   end_attempt(x, o);
   int64_t delay = decided_delay;
-  if (delay == -2) delay = may_retry(x, o, note, sizeof(note)) ? ask_retry(x, o) : -1;
+  if (delay == -2 && may_retry(x, o, note, sizeof(note))) {
+    delay = ask_retry(x, o);
+    if (delay < 0)
+      snprintf(note, sizeof(note), " (not retried: the retry policy declined — attempts or retry "
+                                   "budget used up)");
+  }
   if (delay >= 0) {
     mark_retrying(x);
     SL_INFO("request %s: attempt %u on %s failed (%s); retrying in %lld ms", x->request_id,
