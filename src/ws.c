@@ -30,6 +30,7 @@ struct sl_ws {
   uint64_t last_activity_ms; /* a message or frame in either direction */
   uint64_t last_ping_ms;
   bool close_wait; /* the session timer now bounds the close handshake */
+  sl_buf_t out[2];  /* bytes wslay produced for a leg, written in one call per frame */
   /* A close waiting for the leg's queued messages to go out first: wslay sends control frames
    * ahead of queued data, which would let a close overtake the last message. */
   struct {
@@ -103,6 +104,20 @@ static ssize_t on_recv(wslay_event_context_ptr ctx, uint8_t *buf, size_t len, in
   return (ssize_t)n;
 }
 
+/* Writes what was gathered for leg s. Returns false when the leg is gone. */
+static bool flush_leg(sl_ws_t *ws, int s) {
+  sl_buf_t *b = &ws->out[s];
+  if (!b->len || ws->lost[s] || ws->dead) return !ws->lost[s];
+  int rc = s == CLIENT ? sl_conn_write(ws->x->conn, b->data, b->len)
+                       : sl_upconn_write(ws->x->up, b->data, b->len);
+  b->len = 0;
+  if (b->cap > 64 * 1024) sl_buf_free(b);
+  if (rc < 0) ws->lost[s] = true;
+  return rc >= 0;
+}
+
+/* wslay hands over a frame in pieces (header, then payload) flagged WSLAY_MSG_MORE: gather
+ * them so each frame leaves in one write and one TCP segment, not two. */
 static ssize_t on_send(wslay_event_context_ptr ctx, const uint8_t *data, size_t len, int flags,
                        void *ud) {
   sl_ws_t *ws = ud;
@@ -111,16 +126,16 @@ static ssize_t on_send(wslay_event_context_ptr ctx, const uint8_t *data, size_t 
     wslay_event_set_error(ctx, WSLAY_ERR_CALLBACK_FAILURE);
     return -1;
   }
-  if (uv_stream_get_write_queue_size(stream_of(ws, s)) > SL_WS_HWM) {
+  if (uv_stream_get_write_queue_size(stream_of(ws, s)) + ws->out[s].len > SL_WS_HWM) {
     wslay_event_set_error(ctx, WSLAY_ERR_WOULDBLOCK);
     return -1;
   }
-  int rc = s == CLIENT ? sl_conn_write(ws->x->conn, (const char *)data, len)
-                       : sl_upconn_write(ws->x->up, (const char *)data, len);
-  if (rc < 0) {
-    ws->lost[s] = true;
-    wslay_event_set_error(ctx, WSLAY_ERR_CALLBACK_FAILURE);
-    return -1;
+  sl_buf_append(&ws->out[s], data, len);
+  if (!(flags & WSLAY_MSG_MORE) || ws->out[s].len >= 64 * 1024) {
+    if (!flush_leg(ws, s)) {
+      wslay_event_set_error(ctx, WSLAY_ERR_CALLBACK_FAILURE);
+      return -1;
+    }
   }
   return (ssize_t)len;
 }
@@ -180,8 +195,10 @@ static const struct wslay_event_callbacks callbacks = {
 /* Session lifecycle ------------------------------------------------------------------------ */
 
 static void really_free(sl_ws_t *ws) {
-  for (int s = 0; s < 2; s++)
+  for (int s = 0; s < 2; s++) {
     if (ws->side[s]) wslay_event_context_free(ws->side[s]);
+    sl_buf_free(&ws->out[s]);
+  }
   free(ws);
 }
 
@@ -268,6 +285,7 @@ static void on_session_timer(uv_timer_t *t) {
 static void send_leg(sl_ws_t *ws, int s) {
   if (ws->dead || ws->lost[s]) return;
   if (wslay_event_want_write(ws->side[s]) && wslay_event_send(ws->side[s]) != 0) ws->lost[s] = true;
+  flush_leg(ws, s);
   if (ws->dead || ws->lost[s] || !ws->close_after[s].pending ||
       wslay_event_get_queued_msg_count(ws->side[s]) != 0)
     return;
@@ -275,6 +293,7 @@ static void send_leg(sl_ws_t *ws, int s) {
   wslay_event_queue_close(ws->side[s], ws->close_after[s].code, ws->close_after[s].reason,
                           ws->close_after[s].len);
   if (wslay_event_send(ws->side[s]) != 0) ws->lost[s] = true;
+  flush_leg(ws, s);
 }
 
 static void pump(sl_ws_t *ws) {
