@@ -426,6 +426,7 @@ int mock_ieq(const char *a, size_t alen, const char *lit) {
 
 const char *mock_reason(int status) {
   switch (status) {
+  case 101: return "Switching Protocols";
   case 100: return "Continue";
   case 200: return "OK";
   case 201: return "Created";
@@ -446,6 +447,7 @@ const char *mock_reason(int status) {
   case 413: return "Content Too Large";
   case 414: return "URI Too Long";
   case 422: return "Unprocessable Content";
+  case 426: return "Upgrade Required";
   case 429: return "Too Many Requests";
   case 431: return "Request Header Fields Too Large";
   case 499: return "Client Closed Request";

@@ -26,36 +26,14 @@
 #define STT_IN_CAP         (64 * 1024)  /* connection input buffer */
 #define STT_OUT_HIGH       (256 * 1024) /* staged output above which reads pause */
 
-/* ---- allocation and byte buffers (stt_util.c) ---- */
+#include "../mock_util.h"
 
-void *stt_xmalloc(size_t n);           /* never NULL: aborts on failure */
-void *stt_xrealloc(void *p, size_t n); /* never NULL: aborts on failure */
+/* ---- header helpers (stt_util.c) ---- */
 
-/* A growable byte buffer; zero-initialised is empty. Owns data. */
-typedef struct stt_buf {
-  char *data;
-  size_t len, cap;
-} stt_buf_t;
-
-void stt_buf_reserve(stt_buf_t *b, size_t extra);
-void stt_buf_add(stt_buf_t *b, const void *p, size_t n);
-void stt_buf_adds(stt_buf_t *b, const char *s);
-void stt_buf_addf(stt_buf_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-/* Appends s[0..n) as a quoted JSON string. Invalid UTF-8 bytes become U+FFFD. */
-void stt_buf_add_json_str(stt_buf_t *b, const char *s, size_t n);
-void stt_buf_free(stt_buf_t *b);
-
-/* ---- parsing helpers (stt_util.c) ---- */
-
-/* Parses a whole decimal string (no sign, no spaces). Returns 0, or -1 if invalid/> max. */
-int stt_parse_u64(const char *s, size_t n, uint64_t max, uint64_t *out);
-int stt_ieq(const char *a, size_t alen, const char *lit); /* ASCII case-insensitive equality */
 /* Whether the comma-separated header value v[0..n) lists token (case-insensitive). */
 int stt_has_token(const char *v, size_t n, const char *token);
 /* Trims spaces and tabs from both ends of *s[0..*n). */
 void stt_trim(const char **s, size_t *n);
-const char *stt_reason(int status);                         /* "OK", "Not Found", ... */
-void stt_hex(const unsigned char *in, size_t n, char *out); /* 2n hex digits + NUL */
 
 /* ---- intrusive doubly linked list with a sentinel head ---- */
 
@@ -113,7 +91,7 @@ typedef struct stt_server {
 } stt_server_t;
 
 /* Appends the /stats JSON object to out. */
-void stt_stats_json(const stt_server_t *s, stt_buf_t *out);
+void stt_stats_json(const stt_server_t *s, mock_buf_t *out);
 
 /* ---- connection (stt_conn.c) ---- */
 
@@ -138,13 +116,13 @@ typedef struct stt_conn {
   char *in;
   size_t in_off, in_len;
   /* Output: bytes are staged while the previous batch, flight, is being written. */
-  stt_buf_t staged, flight;
+  mock_buf_t staged, flight;
   int reading, writing, closing, open_handles;
   int ending;   /* HTTP: shut down once the staged output is written */
   int shutting; /* our FIN is sent or on its way; input is discarded */
   /* the HTTP request being parsed */
   llhttp_t parser;
-  stt_buf_t hbuf;   /* URL (hbuf[0..url_len)) and header bytes */
+  mock_buf_t hbuf;   /* URL (hbuf[0..url_len)) and header bytes */
   uint32_t url_len;
   unsigned nhdrs;
   int hstate, msg_complete, error_status, keep_alive;

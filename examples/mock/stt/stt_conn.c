@@ -18,9 +18,9 @@
 
 static void conn_free(stt_conn_t *c) {
   free(c->in);
-  stt_buf_free(&c->staged);
-  stt_buf_free(&c->flight);
-  stt_buf_free(&c->hbuf);
+  mock_buf_free(&c->staged);
+  mock_buf_free(&c->flight);
+  mock_buf_free(&c->hbuf);
   stt_ws_free(c->ws);
   free(c);
 }
@@ -79,7 +79,7 @@ size_t stt_conn_pending(const stt_conn_t *c) { return c->staged.len + c->flight.
 
 void stt_conn_write(stt_conn_t *c, const void *p, size_t n) {
   if (!c->closing && !c->shutting)
-    stt_buf_add(&c->staged, p, n);
+    mock_buf_add(&c->staged, p, n);
 }
 
 static void on_write(uv_write_t *wr, int status) {
@@ -104,7 +104,7 @@ static void on_write(uv_write_t *wr, int status) {
 void stt_conn_flush(stt_conn_t *c) {
   if (c->writing || c->closing || c->shutting || c->staged.len == 0)
     return;
-  stt_buf_t t = c->flight; /* empty: its capacity is reused for the next batch */
+  mock_buf_t t = c->flight; /* empty: its capacity is reused for the next batch */
   c->flight = c->staged;
   c->staged = t;
   uv_buf_t b = uv_buf_init(c->flight.data, (unsigned)c->flight.len);
@@ -211,7 +211,7 @@ void stt_conn_update_reading(stt_conn_t *c) {
 /* ---- accept ---- */
 
 void stt_conn_accept(stt_server_t *srv) {
-  stt_conn_t *c = stt_xmalloc(sizeof *c);
+  stt_conn_t *c = mock_xmalloc(sizeof *c);
   memset(c, 0, sizeof *c);
   c->srv = srv;
   c->id = ++srv->conn_seq;
@@ -220,8 +220,8 @@ void stt_conn_accept(stt_server_t *srv) {
   uv_timer_init(srv->loop, &c->timer);
   c->tcp.data = c->timer.data = c;
   c->open_handles = 2;
-  c->in = stt_xmalloc(STT_IN_CAP);
-  stt_buf_reserve(&c->hbuf, 1024); /* never NULL: an empty URL is still a valid pointer */
+  c->in = mock_xmalloc(STT_IN_CAP);
+  mock_buf_reserve(&c->hbuf, 1024); /* never NULL: an empty URL is still a valid pointer */
   if (uv_accept((uv_stream_t *)&srv->listener, (uv_stream_t *)&c->tcp) < 0) {
     c->closing = 1;
     uv_close((uv_handle_t *)&c->timer, on_close);

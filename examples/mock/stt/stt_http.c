@@ -18,39 +18,39 @@ static const char WS_GUID[] = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 /* Stages a complete response. extra: more header lines ("name: value\r\n"), or NULL. */
 static void respond(stt_conn_t *c, int status, const char *ctype, const char *body, size_t len,
                     const char *extra) {
-  stt_buf_t h = {0};
+  mock_buf_t h = {0};
   int bodyless = status == 204 || status == 304;
-  stt_buf_addf(&h, "HTTP/1.1 %d %s\r\n", status, stt_reason(status));
+  mock_buf_addf(&h, "HTTP/1.1 %d %s\r\n", status, mock_reason(status));
   if (!bodyless) {
-    stt_buf_addf(&h, "content-type: %s\r\n", ctype);
-    stt_buf_addf(&h, "content-length: %zu\r\n", len);
+    mock_buf_addf(&h, "content-type: %s\r\n", ctype);
+    mock_buf_addf(&h, "content-length: %zu\r\n", len);
   }
-  stt_buf_addf(&h, "x-mock-instance: %s\r\n", c->srv->opts.name);
+  mock_buf_addf(&h, "x-mock-instance: %s\r\n", c->srv->opts.name);
   if (extra)
-    stt_buf_adds(&h, extra);
+    mock_buf_adds(&h, extra);
   if (!c->keep_alive)
-    stt_buf_adds(&h, "connection: close\r\n");
+    mock_buf_adds(&h, "connection: close\r\n");
   else if (c->parser.http_minor == 0)
-    stt_buf_adds(&h, "connection: keep-alive\r\n");
-  stt_buf_adds(&h, "\r\n");
+    mock_buf_adds(&h, "connection: keep-alive\r\n");
+  mock_buf_adds(&h, "\r\n");
   stt_conn_write(c, h.data, h.len);
   if (!bodyless && c->parser.method != HTTP_HEAD)
     stt_conn_write(c, body, len);
-  stt_buf_free(&h);
+  mock_buf_free(&h);
   if (!c->keep_alive)
     stt_conn_end(c);
 }
 
 static void respond_error(stt_conn_t *c, int status, const char *type, const char *msg,
                           const char *extra) {
-  stt_buf_t b = {0};
-  stt_buf_adds(&b, "{\"error\":{\"type\":");
-  stt_buf_add_json_str(&b, type, strlen(type));
-  stt_buf_adds(&b, ",\"message\":");
-  stt_buf_add_json_str(&b, msg, strlen(msg));
-  stt_buf_adds(&b, "}}");
+  mock_buf_t b = {0};
+  mock_buf_adds(&b, "{\"error\":{\"type\":");
+  mock_buf_add_json_str(&b, type, strlen(type));
+  mock_buf_adds(&b, ",\"message\":");
+  mock_buf_add_json_str(&b, msg, strlen(msg));
+  mock_buf_adds(&b, "}}");
   respond(c, status, "application/json", b.data, b.len, extra);
-  stt_buf_free(&b);
+  mock_buf_free(&b);
 }
 
 /* ---- the opening handshake ---- */
@@ -59,7 +59,7 @@ static void respond_error(stt_conn_t *c, int status, const char *type, const cha
 static int header_has_token(const stt_conn_t *c, const char *name, const char *token) {
   for (unsigned i = 0; i < c->nhdrs; i++) {
     const stt_hdr_t *h = &c->hdrs[i];
-    if (stt_ieq(c->hbuf.data + h->name_off, h->name_len, name) &&
+    if (mock_ieq(c->hbuf.data + h->name_off, h->name_len, name) &&
         stt_has_token(c->hbuf.data + h->val_off, h->val_len, token))
       return 1;
   }
@@ -102,7 +102,7 @@ static int refuse_status(const stt_conn_t *c) {
     return c->srv->opts.refuse_status;
   stt_trim(&v, &n);
   uint64_t st;
-  if (stt_parse_u64(v, n, 999, &st) < 0 || st < 200)
+  if (mock_parse_u64(v, n, 999, &st) < 0 || st < 200)
     return -1;
   return (int)st;
 }
@@ -125,7 +125,7 @@ static void http_upgrade(stt_conn_t *c) {
     bad = "missing Upgrade: websocket";
   else if (!header_has_token(c, "connection", "upgrade"))
     bad = "missing Connection: upgrade";
-  else if (!ver || !stt_ieq(ver, vlen, "13")) {
+  else if (!ver || !mock_ieq(ver, vlen, "13")) {
     bad = "Sec-WebSocket-Version must be 13";
     extra = "sec-websocket-version: 13\r\n";
   } else if (!key || !key_valid(key, klen))
@@ -149,8 +149,8 @@ static void http_upgrade(stt_conn_t *c) {
     respond_error(c, 500, "internal", "SHA-1 failed", NULL);
     return;
   }
-  stt_buf_t h = {0};
-  stt_buf_addf(&h,
+  mock_buf_t h = {0};
+  mock_buf_addf(&h,
                "HTTP/1.1 101 Switching Protocols\r\n"
                "upgrade: websocket\r\n"
                "connection: Upgrade\r\n"
@@ -164,14 +164,14 @@ static void http_upgrade(stt_conn_t *c) {
       plen = (size_t)(comma - proto);
     stt_trim(&proto, &plen);
     if (plen) {
-      stt_buf_adds(&h, "sec-websocket-protocol: ");
-      stt_buf_add(&h, proto, plen);
-      stt_buf_adds(&h, "\r\n");
+      mock_buf_adds(&h, "sec-websocket-protocol: ");
+      mock_buf_add(&h, proto, plen);
+      mock_buf_adds(&h, "\r\n");
     }
   }
-  stt_buf_addf(&h, "x-mock-instance: %s\r\n\r\n", c->srv->opts.name);
+  mock_buf_addf(&h, "x-mock-instance: %s\r\n\r\n", c->srv->opts.name);
   stt_conn_write(c, h.data, h.len);
-  stt_buf_free(&h);
+  mock_buf_free(&h);
   c->mode = STT_WS;
   if (stt_ws_start(c) < 0)
     stt_conn_close(c);
@@ -194,10 +194,10 @@ static void http_dispatch(stt_conn_t *c) {
   } else if (is_healthz) {
     respond(c, 200, "text/plain", "ok", 2, NULL);
   } else if (is_stats) {
-    stt_buf_t b = {0};
+    mock_buf_t b = {0};
     stt_stats_json(c->srv, &b);
     respond(c, 200, "application/json", b.data, b.len, NULL);
-    stt_buf_free(&b);
+    mock_buf_free(&b);
   } else {
     respond_error(c, 400, "bad_handshake", "expected a WebSocket upgrade",
                   "sec-websocket-version: 13\r\n");
@@ -245,7 +245,7 @@ static int head_append(stt_conn_t *c, const char *at, size_t n, int status) {
     c->error_status = status;
     return HPE_USER;
   }
-  stt_buf_add(&c->hbuf, at, n);
+  mock_buf_add(&c->hbuf, at, n);
   return 0;
 }
 
@@ -326,7 +326,7 @@ void stt_http_settings_init(llhttp_settings_t *s) {
 const char *stt_req_header(const stt_conn_t *c, const char *name, size_t *len) {
   for (unsigned i = 0; i < c->nhdrs; i++) {
     const stt_hdr_t *h = &c->hdrs[i];
-    if (stt_ieq(c->hbuf.data + h->name_off, h->name_len, name)) {
+    if (mock_ieq(c->hbuf.data + h->name_off, h->name_len, name)) {
       *len = h->val_len;
       return c->hbuf.data + h->val_off;
     }

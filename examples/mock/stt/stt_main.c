@@ -31,9 +31,9 @@ static const char usage[] =
     "  \"close:CODE:REASON\" = server closes; a client close gets the final transcript, then\n"
     "  its own code and reason back.\n";
 
-void stt_stats_json(const stt_server_t *s, stt_buf_t *out) {
+void stt_stats_json(const stt_server_t *s, mock_buf_t *out) {
   const stt_stats_t *st = &s->stats;
-  stt_buf_addf(out,
+  mock_buf_addf(out,
                "{\"sessions_open\":%" PRIu64 ",\"sessions_total\":%" PRIu64 ",\"frames\":%" PRIu64
                ",\"bytes\":%" PRIu64 ",\"handshakes_refused\":%" PRIu64 "}",
                st->sessions_open, st->sessions_total, st->frames, st->bytes,
@@ -43,7 +43,7 @@ void stt_stats_json(const stt_server_t *s, stt_buf_t *out) {
 /* ---- options ---- */
 
 static int opt_u64(const char *name, const char *v, uint64_t max, uint64_t *out) {
-  if (stt_parse_u64(v, strlen(v), max, out) < 0) {
+  if (mock_parse_u64(v, strlen(v), max, out) < 0) {
     fprintf(stderr, "sluice-mock-stt: %s wants a number <= %" PRIu64 ", got '%s'\n", name, max,
             v);
     return -1;
@@ -114,7 +114,7 @@ static int parse_args(int argc, char **argv, stt_opts_t *o) {
 static int resolve_listen(uv_loop_t *loop, const char *spec, struct sockaddr_storage *ss) {
   const char *colon = strrchr(spec, ':');
   uint64_t port;
-  if (!colon || stt_parse_u64(colon + 1, strlen(colon + 1), 65535, &port) < 0)
+  if (!colon || mock_parse_u64(colon + 1, strlen(colon + 1), 65535, &port) < 0)
     return UV_EINVAL;
   char host[256];
   size_t hlen = (size_t)(colon - spec);

@@ -165,13 +165,13 @@ static void transcript_send(stt_conn_t *c, const char *text, size_t len, uint16_
 }
 
 /* Sends a transcript message after --latency-ms, in order with the ones before it. */
-static void transcript_emit(stt_conn_t *c, const stt_buf_t *msg, uint16_t close_code) {
+static void transcript_emit(stt_conn_t *c, const mock_buf_t *msg, uint16_t close_code) {
   stt_ws_t *w = c->ws;
   if (c->srv->opts.latency_ms == 0 && stt_list_empty(&w->tq)) {
     transcript_send(c, msg->data, msg->len, close_code);
     return;
   }
-  stt_tmsg_t *t = stt_xmalloc(sizeof *t + msg->len);
+  stt_tmsg_t *t = mock_xmalloc(sizeof *t + msg->len);
   t->due = uv_now(c->srv->loop) + c->srv->opts.latency_ms;
   t->close_code = close_code;
   t->len = msg->len;
@@ -189,36 +189,36 @@ static void tq_clear(stt_ws_t *w) {
 
 /* A made-up transcript for `frames` audio frames: one word per --partial-every frames,
  * rounded down for partials and up for the final one. */
-static void add_text(stt_conn_t *c, stt_buf_t *b, uint64_t frames, int round_up) {
+static void add_text(stt_conn_t *c, mock_buf_t *b, uint64_t frames, int round_up) {
   uint64_t per = c->srv->opts.partial_every ? c->srv->opts.partial_every : 5;
   uint64_t n = (frames + (round_up ? per - 1 : 0)) / per;
-  stt_buf_t t = {0};
+  mock_buf_t t = {0};
   if (n > TEXT_MAX_WORDS)
     n = TEXT_MAX_WORDS;
   for (uint64_t i = 0; i < n; i++) {
     if (i)
-      stt_buf_add(&t, " ", 1);
-    stt_buf_adds(&t, words[i % NWORDS]);
+      mock_buf_add(&t, " ", 1);
+    mock_buf_adds(&t, words[i % NWORDS]);
   }
-  stt_buf_add_json_str(b, t.data ? t.data : "", t.len);
-  stt_buf_free(&t);
+  mock_buf_add_json_str(b, t.data ? t.data : "", t.len);
+  mock_buf_free(&t);
 }
 
-static void add_instance(stt_conn_t *c, stt_buf_t *b) {
-  stt_buf_adds(b, ",\"instance\":");
-  stt_buf_add_json_str(b, c->srv->opts.name, strlen(c->srv->opts.name));
-  stt_buf_adds(b, "}");
+static void add_instance(stt_conn_t *c, mock_buf_t *b) {
+  mock_buf_adds(b, ",\"instance\":");
+  mock_buf_add_json_str(b, c->srv->opts.name, strlen(c->srv->opts.name));
+  mock_buf_adds(b, "}");
 }
 
 static void emit_partial(stt_conn_t *c) {
   stt_ws_t *w = c->ws;
-  stt_buf_t b = {0};
-  stt_buf_adds(&b, "{\"type\":\"partial\",\"text\":");
+  mock_buf_t b = {0};
+  mock_buf_adds(&b, "{\"type\":\"partial\",\"text\":");
   add_text(c, &b, w->frames, 0);
-  stt_buf_addf(&b, ",\"frames\":%" PRIu64, w->frames);
+  mock_buf_addf(&b, ",\"frames\":%" PRIu64, w->frames);
   add_instance(c, &b);
   transcript_emit(c, &b, 0);
-  stt_buf_free(&b);
+  mock_buf_free(&b);
 }
 
 /* The final transcript; afterwards the session takes no more data. close_code: the
@@ -230,15 +230,15 @@ static void emit_final(stt_conn_t *c, uint16_t close_code) {
   char hex[2 * EVP_MAX_MD_SIZE + 1] = "";
   w->ended = 1;
   if (EVP_DigestFinal_ex(w->md, md, &mdlen))
-    stt_hex(md, mdlen, hex);
-  stt_buf_t b = {0};
-  stt_buf_adds(&b, "{\"type\":\"final\",\"text\":");
+    mock_hex(md, mdlen, hex);
+  mock_buf_t b = {0};
+  mock_buf_adds(&b, "{\"type\":\"final\",\"text\":");
   add_text(c, &b, w->frames, 1);
-  stt_buf_addf(&b, ",\"frames\":%" PRIu64 ",\"bytes\":%" PRIu64 ",\"sha256\":\"%s\"", w->frames,
+  mock_buf_addf(&b, ",\"frames\":%" PRIu64 ",\"bytes\":%" PRIu64 ",\"sha256\":\"%s\"", w->frames,
                w->bytes, hex);
   add_instance(c, &b);
   transcript_emit(c, &b, close_code);
-  stt_buf_free(&b);
+  mock_buf_free(&b);
 }
 
 /* ---- messages ---- */
@@ -277,7 +277,7 @@ static void on_close_request(stt_conn_t *c, const char *s, size_t n) {
   const char *reason = colon ? colon + 1 : "";
   size_t rlen = colon ? n - clen - 1 : 0;
   uint64_t code;
-  if (stt_parse_u64(s, clen, 65535, &code) < 0 || !close_code_sendable(code)) {
+  if (mock_parse_u64(s, clen, 65535, &code) < 0 || !close_code_sendable(code)) {
     static const char err[] = "{\"type\":\"error\",\"error\":\"close:CODE wants a close code "
                               "1000-1003, 1007-1014 or 3000-4999\"}";
     struct wslay_event_msg m = {WSLAY_TEXT_FRAME, (const uint8_t *)err, sizeof err - 1};
@@ -483,7 +483,7 @@ int stt_ws_eof(stt_conn_t *c) {
 int stt_ws_start(stt_conn_t *c) {
   static const struct wslay_event_callbacks cbs = {
       .recv_callback = recv_cb, .send_callback = send_cb, .on_msg_recv_callback = on_msg_recv};
-  stt_ws_t *w = stt_xmalloc(sizeof *w);
+  stt_ws_t *w = mock_xmalloc(sizeof *w);
   memset(w, 0, sizeof *w);
   stt_list_init(&w->tq);
   w->logged = 1; /* until the session is counted open */
