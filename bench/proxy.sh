@@ -16,6 +16,8 @@
 #        BUILD_DIR=/tmp/sluice-bench-build OUT=/tmp/sluice-bench
 #        PROXY_CPUS / LOAD_CPUS / MOCK_CPUS (taskset lists; override LAYOUT)
 set -euo pipefail
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(dirname "$HERE")
@@ -61,8 +63,6 @@ if [ "$(nproc)" -lt 2 ] && [ "$LAYOUT" != none ]; then
   PROXY_CPUS= LOAD_CPUS= MOCK_CPUS=
 fi
 
-log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
 
 # ---- processes and cleanup -------------------------------------------------------------------
 
@@ -73,35 +73,18 @@ chmod 755 "$TMP" # nginx's worker runs as nobody and must reach its temp paths
 PIDS=()          # everything we started, stopped in reverse order on exit
 declare -A NAME  # pid -> what it is, for the long-running processes (mocks, proxies)
 
-stop_pid() { # stop_pid PID: TERM, wait up to 5 s, then KILL
-  local pid=$1 i
-  kill -0 "$pid" 2>/dev/null || return 0
-  kill -TERM "$pid" 2>/dev/null || true
-  for i in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  kill -KILL "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-}
 
 cleanup() {
   local rc=$? i
   trap - EXIT INT TERM
   for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do stop_pid "${PIDS[i]}"; done
-  # Keep the processes' own logs next to the results.
-  if [ -d "$OUT/raw" ]; then
-    rm -rf "$OUT/raw/logs"; mkdir -p "$OUT/raw/logs"
-    (cd "$TMP" && find . -name '*.log' ! -name build.log -size +0 | while read -r f; do
-      cp "$f" "$OUT/raw/logs/$(echo "${f#./}" | tr / _)"; done) || true
-  fi
+  save_logs "$OUT/raw" # the processes' own logs, next to the results
   if [ -n "${KEEP_TMP:-}" ]; then log "temp dir kept: $TMP"; else rm -rf "$TMP"; fi
   exit "$rc"
 }
 trap cleanup EXIT
 trap 'log "interrupted"; exit 130' INT TERM
 
-pin() { # pin CPUS CMD...: run CMD pinned to CPUS (a taskset list), or unpinned if empty
-  local cpus=$1; shift
-  if [ -n "$cpus" ]; then exec taskset -c "$cpus" "$@"; else exec "$@"; fi
-}
 
 check_alive() { # check_alive: die with the exit status of any mock or proxy that has exited
   local pid rc
@@ -114,15 +97,6 @@ check_alive() { # check_alive: die with the exit status of any mock or proxy tha
   done
 }
 
-wait_listen() { # wait_listen PORT PID [SECONDS]
-  local port=$1 pid=$2 secs=${3:-10} i
-  for ((i = 0; i < secs * 20; i++)); do
-    kill -0 "$pid" 2>/dev/null || return 1
-    [ -n "$(ss -Hltn "sport = :$port" 2>/dev/null)" ] && return 0
-    sleep 0.05
-  done
-  return 1
-}
 
 free_ports() { # free_ports N: N distinct currently-free TCP ports on 127.0.0.1
   "$PY" - "$1" <<'EOF'
@@ -134,7 +108,6 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))
 EOF
 }
 
-rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; } # utime + stime, all threads
 # CPU seconds of this shell's reaped children (wrk, once it has exited): `children_snap F`
 # must run in this shell, not in $(...), whose subshell has children of its own.

@@ -16,6 +16,8 @@
 #        PROXIES="sluice nginx" UPSTREAM=echo|stt NOISE_MAX=10 LAG_MAX=200 MAX_RETRIES=8
 #        BUILD_DIR=/tmp/sluice-bench-build (or BUILD) OUT=/tmp/sluice-bench KEEP_TMP=1
 set -euo pipefail
+# shellcheck source=../lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
@@ -65,8 +67,6 @@ if [ "$(nproc)" -lt 2 ] && [ "$LAYOUT" != none ]; then
 fi
 case "$UPSTREAM" in echo|stt) ;; *) echo "run.sh: UPSTREAM must be echo or stt" >&2; exit 2 ;; esac
 
-log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
 
 # ---- processes and cleanup -------------------------------------------------------------------
 
@@ -77,34 +77,18 @@ chmod 755 "$TMP" # nginx's worker runs as nobody and must reach its temp paths
 PIDS=()          # everything started, stopped in reverse order on exit
 declare -A NAME  # pid -> what it is (upstream, proxies), for check_alive
 
-stop_pid() { # stop_pid PID: TERM, wait up to 5 s, then KILL
-  local pid=$1 i
-  kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
-  kill -TERM "$pid" 2>/dev/null || true
-  for i in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  kill -KILL "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-}
 
 cleanup() {
   local rc=$? i
   trap - EXIT INT TERM
   for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do stop_pid "${PIDS[i]}"; done
-  if [ -d "$RES/raw" ]; then # the processes' own logs, next to the results
-    rm -rf "$RES/raw/logs"; mkdir -p "$RES/raw/logs"
-    (cd "$TMP" && find . -name '*.log' ! -name build.log -size +0 | while read -r f; do
-      cp "$f" "$RES/raw/logs/$(echo "${f#./}" | tr / _)"; done) || true
-  fi
+  save_logs "$RES/raw" # the processes' own logs, next to the results
   if [ -n "${KEEP_TMP:-}" ]; then log "temp dir kept: $TMP"; else rm -rf "$TMP"; fi
   exit "$rc"
 }
 trap cleanup EXIT
 trap 'log "interrupted"; exit 130' INT TERM
 
-pin() { # pin CPUS CMD...: exec CMD pinned to CPUS (a taskset list), or unpinned if empty
-  local cpus=$1; shift
-  if [ -n "$cpus" ]; then exec taskset -c "$cpus" "$@"; else exec "$@"; fi
-}
 
 check_alive() { # dies with the exit status of the upstream or a proxy that has exited
   local pid rc
@@ -120,21 +104,11 @@ forget() { # forget PID: drop it from NAME (it is being stopped on purpose)
   unset "NAME[$1]" 2>/dev/null || true
 }
 
-wait_listen() { # wait_listen PORT PID [SECONDS]
-  local port=$1 pid=$2 secs=${3:-10} i
-  for ((i = 0; i < secs * 20; i++)); do
-    kill -0 "$pid" 2>/dev/null || return 1
-    [ -n "$(ss -Hltn "sport = :$port" 2>/dev/null)" ] && return 0
-    sleep 0.05
-  done
-  return 1
-}
 
 free_port() { # a currently free TCP port on 127.0.0.1
   "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
-rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 
 median() { # median V...: of numbers (empty -> NA)
   [ $# -gt 0 ] || { echo NA; return; }
