@@ -26,6 +26,7 @@ def run(args, cwd=None, timeout=20):
 GOOD_CONFIG = """\
 return {
   listen = { "127.0.0.1:0" },
+  admin = "127.0.0.1:0",
   policies = "policies",
   limits = {
     max_header_bytes = 32768,
