@@ -22,7 +22,6 @@ struct sluice {
   sl_config_t *cfg;
   sl_worker_t *worker;
   bool started, stopping, stopped;
-  bool log_level_forced;
   sl_watch_t *watch;
   void (*stop_done)(sluice_t *, void *);
   void *stop_arg;

@@ -79,8 +79,8 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len) {
   if (h->in_field == 0) return fail(p, 400, "empty header name");
   /* llhttp accepts obs-fold (a value continued on a line starting with whitespace) even in
    * strict mode; it shows up as a value span that directly follows a line break. */
-  char before = at > h->exec_start ? at[-1] : h->prev_byte;
-  if (len && (at[0] == ' ' || at[0] == '\t') && before == '\n') return fail(p, 400, "obsolete line folding in header value");
+  if (len && (at[0] == ' ' || at[0] == '\t') && byte_before(h, at, 1) == '\n')
+    return fail(p, 400, "obsolete line folding in header value");
   if (h->in_field != 2) {
     h->req->headers[h->req->nheaders - 1].value_off = (uint32_t)h->req->strings.len;
     h->in_field = 2;
@@ -276,7 +276,6 @@ sl_h1_event_t sl_h1_execute(sl_h1_parser_t *h, const char *data, size_t len, siz
     h->prev_bytes[0] = h->prev_bytes[1];
     h->prev_bytes[1] = data[0];
   }
-  if (len) h->prev_byte = data[len - 1];
   if (e == HPE_OK) {
     *used = len;
     return SL_H1_AGAIN;

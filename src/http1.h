@@ -62,7 +62,6 @@ typedef struct sl_h1_parser {
   uint8_t in_field; /* 1 while receiving a header name, 2 while receiving its value */
   uint8_t event;    /* pending sl_h1_event_t */
   bool headers_done;
-  char prev_byte;         /* last byte of the previous input, to see what precedes a span */
   char prev_bytes[2];     /* the two last bytes of the previous input, oldest first */
   const char *exec_start; /* input of the current sl_h1_execute call */
 } sl_h1_parser_t;

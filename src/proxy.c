@@ -767,7 +767,6 @@ static void enqueue(sl_exchange_t *x) {
     return;
   }
   x->phase = SL_X_QUEUED;
-  x->queued_ms = sl_worker_now(W(x));
   uv_timer_start(&x->timer, on_timer, pc->queue_timeout_ms, 0);
 }
 

@@ -39,7 +39,7 @@ typedef struct sl_exchange {
   uint32_t nrhdr, rhdr_cap;
   sl_endpoint_t *tried[SL_MAX_TRIED];
   uint32_t ntried;
-  uint64_t start_ms, attempt_ms, first_byte_ms, queued_ms;
+  uint64_t start_ms, attempt_ms, first_byte_ms;
   int64_t retry_delay_ms; /* set when a response status asked for a retry */
   uint16_t status;
   uint8_t phase;

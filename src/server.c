@@ -214,7 +214,6 @@ static void conn_process(sl_conn_t *c) {
     /* SL_H1_MESSAGE */
     uv_timer_stop(&c->timer);
     c->state = SL_CONN_BUSY;
-    c->nrequests++;
     if (c->admin) {
       sl_admin_handle(c);
       continue;

@@ -41,7 +41,6 @@ typedef struct sl_conn {
   bool in_process;    /* re-entrancy guard for conn_process */
   bool close_after;   /* close once queued writes are flushed */
   bool admin;         /* accepted on the admin listener */
-  uint32_t nrequests;
 } sl_conn_t;
 
 /* Starts listening on every configured address, and on the admin address when set. Returns 0

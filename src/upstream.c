@@ -114,7 +114,6 @@ void sl_upconn_release(sl_upconn_t *u, bool reusable) {
     sl_upconn_close(u);
     return;
   }
-  u->nrequests++;
   /* Keep reading while pooled: that is how a close by the upstream is noticed before reuse. */
   int rc = uv_read_start((uv_stream_t *)&u->tcp, on_alloc, on_read);
   if (rc != 0 && rc != UV_EALREADY) {

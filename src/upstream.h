@@ -30,7 +30,6 @@ struct sl_upconn {
   sl_list_t link; /* in ep->idle while pooled */
   const sl_upconn_ops_t *ops;
   void *ctx;
-  uint32_t nrequests; /* requests served on this connection */
   uint8_t pending_close; /* handles still to close */
   bool connected;
   bool pooled;

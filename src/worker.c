@@ -52,8 +52,7 @@ void sl_gen_unref(sl_gen_t *g) {
 }
 
 /* Pool table for the balancer: make_pool(name, options, ep1, ep2, ...). */
-static int build_pool_table(sl_worker_t *w, sl_gen_t *g, sl_pool_t *p, int cfg_idx, char *err,
-                            size_t errlen) {
+static int build_pool_table(sl_worker_t *w, sl_pool_t *p, int cfg_idx, char *err, size_t errlen) {
   lua_State *L = w->L;
   lua_getglobal(L, "require");
   lua_pushliteral(L, "sluice.runtime");
@@ -78,7 +77,6 @@ static int build_pool_table(sl_worker_t *w, sl_gen_t *g, sl_pool_t *p, int cfg_i
   }
   if (sl_lua_pcall(L, 5 + 2 * (int)p->n, 1, err, errlen) != 0) return -1;
   p->lua_pool = luaL_ref(L, LUA_REGISTRYINDEX);
-  (void)g;
   return 0;
 }
 
@@ -157,7 +155,7 @@ sl_gen_t *sl_gen_build(sl_worker_t *w, sl_config_t *cfg, char *err, size_t errle
       p->lua_record = luaL_ref(L, LUA_REGISTRYINDEX);
       lua_pop(L, 1);
     }
-    if (build_pool_table(w, g, p, cfg_idx, err, errlen) != 0) goto fail;
+    if (build_pool_table(w, p, cfg_idx, err, errlen) != 0) goto fail;
   }
   lua_settop(L, top);
   return g;

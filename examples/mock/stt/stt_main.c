@@ -111,8 +111,6 @@ static int parse_args(int argc, char **argv, stt_opts_t *o) {
 
 /* ---- listening ---- */
 
-
-
 static void on_connection(uv_stream_t *listener, int status) {
   stt_server_t *s = listener->data;
   if (status < 0) {
