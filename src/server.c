@@ -72,14 +72,19 @@ static void on_write_done(uv_stream_t *s, int status) {
   if (c->x.active && c->x.up_paused && queued <= SL_CLIENT_LWM) sl_proxy_client_drained(&c->x);
 }
 
-int sl_conn_write(sl_conn_t *c, const char *data, size_t len) {
+int sl_conn_writev(sl_conn_t *c, const uv_buf_t *bufs, unsigned n) {
   if (c->closing) return UV_ECANCELED;
-  int rc = sl_stream_write((uv_stream_t *)&c->tcp, data, len, on_write_done);
+  int rc = sl_stream_writev((uv_stream_t *)&c->tcp, bufs, n, on_write_done);
   if (rc < 0) {
     sl_conn_close(c);
     return rc;
   }
   return 0;
+}
+
+int sl_conn_write(sl_conn_t *c, const char *data, size_t len) {
+  uv_buf_t b = uv_buf_init((char *)data, (unsigned)len);
+  return sl_conn_writev(c, &b, 1);
 }
 
 /* Timers ----------------------------------------------------------------------------------- */

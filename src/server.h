@@ -54,6 +54,7 @@ void sl_server_close_all(sl_worker_t *w);
 
 /* Writes bytes to the client. Returns 0 or a negative error (the connection is closing). */
 int sl_conn_write(sl_conn_t *c, const char *data, size_t len);
+int sl_conn_writev(sl_conn_t *c, const uv_buf_t *bufs, unsigned n);
 size_t sl_conn_queued_bytes(const sl_conn_t *c);
 /* The response to the current request is complete. keep_alive = false closes the connection
  * once the response is flushed; otherwise the next pipelined request is handled. */

@@ -132,9 +132,18 @@ static void on_write_done(uv_stream_t *s, int status) {
   if (u->ops->drained && uv_stream_get_write_queue_size(s) == 0) u->ops->drained(u->ctx, u);
 }
 
-int sl_upconn_write(sl_upconn_t *u, const char *data, size_t len) {
-  int rc = sl_stream_write((uv_stream_t *)&u->tcp, data, len, on_write_done);
+int sl_upconn_writev(sl_upconn_t *u, const uv_buf_t *bufs, unsigned n) {
+  int rc = sl_stream_writev((uv_stream_t *)&u->tcp, bufs, n, on_write_done);
   return rc < 0 ? rc : 0;
+}
+
+int sl_upconn_write(sl_upconn_t *u, const char *data, size_t len) {
+  uv_buf_t b = uv_buf_init((char *)data, (unsigned)len);
+  return sl_upconn_writev(u, &b, 1);
+}
+
+size_t sl_upconn_queued_bytes(const sl_upconn_t *u) {
+  return uv_stream_get_write_queue_size((const uv_stream_t *)&u->tcp);
 }
 
 void sl_upconn_read_pause(sl_upconn_t *u, bool pause) {

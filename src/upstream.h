@@ -47,6 +47,8 @@ void sl_upconn_release(sl_upconn_t *u, bool reusable);
 /* Closes now; queued writes are cancelled. Idempotent. */
 void sl_upconn_close(sl_upconn_t *u);
 int sl_upconn_write(sl_upconn_t *u, const char *data, size_t len);
+int sl_upconn_writev(sl_upconn_t *u, const uv_buf_t *bufs, unsigned n);
+size_t sl_upconn_queued_bytes(const sl_upconn_t *u);
 void sl_upconn_read_pause(sl_upconn_t *u, bool pause);
 
 #endif

@@ -44,6 +44,7 @@ typedef struct sl_worker_stats {
   uint64_t upstream_connect_errors, upstream_timeouts, policy_errors;
   uint64_t reloads_ok, reloads_failed;
   uint64_t ws_sessions, ws_upstream_lost;
+  uint64_t ws_messages[2], ws_bytes[2]; /* [0] client to upstream, [1] upstream to client */
 } sl_worker_stats_t;
 
 typedef struct sl_worker {

@@ -1,45 +1,73 @@
 #include "ws.h"
 
-#include "io.h"
 #include "log.h"
 #include "proxy.h"
 #include "server.h"
 #include "upstream.h"
+#include "ws_frame.h"
 
 #include <openssl/evp.h>
 #include <stdio.h>
 #include <stdlib.h>
-#include <wslay/wslay.h>
 
 enum { CLIENT = 0, UPSTREAM = 1 };
 #define SL_WS_HWM (256 * 1024)
 #define SL_WS_LWM (64 * 1024)
 #define SL_WS_CLOSE_WAIT_MS 5000
+#define SL_WS_BATCH 32
+
+/* Payload of the gateway's keepalive pings: pongs carrying it are answers to the gateway and
+ * are not relayed. */
+static const uint8_t ka_token[] = {'s', 'l', 'u', 'i', 'c', 'e', '-', 'k', 'a'};
+
+/* Frames arriving from one leg. Data frames are relayed as they arrive, header and payload
+ * bytes untouched (client frames stay masked, upstream frames unmasked, as each receiving side
+ * expects); control frames are gathered whole (at most 131 bytes) and then relayed, answered
+ * or consumed. */
+typedef struct ws_in {
+  uint64_t left;    /* payload bytes of the current data frame still to come */
+  uint64_t msg_len; /* payload bytes of the data message in progress */
+  uint8_t hdr[SL_WSF_MAX_HEADER]; /* a header split across reads */
+  uint8_t ctl[6 + SL_WSF_MAX_CONTROL_PAYLOAD];
+  uint8_t hn;     /* bytes in hdr */
+  uint8_t cn;     /* bytes in ctl */
+  uint8_t cneed;  /* size of the control frame being gathered */
+  uint8_t chlen;  /* its header length */
+  bool in_msg;    /* a fragmented data message is open */
+  bool fin;       /* the current data frame ends its message */
+  bool drop;      /* the current data frame is not relayed (the other leg is closing) */
+  bool failed;    /* protocol error: further input is ignored */
+  bool close_rcvd;
+} ws_in_t;
+
+/* Toward one leg. */
+typedef struct ws_out {
+  bool lost;       /* the leg's TCP connection is gone */
+  bool close_sent; /* a close frame went out (relayed or the gateway's own) */
+  bool paused;     /* reads on the *other* leg are stopped until this one drains */
+  bool close_pending; /* a gateway close waits for the relayed frame in progress to end */
+  uint16_t code;
+  uint8_t reason_len;
+  char reason[48];
+} ws_out_t;
 
 struct sl_ws {
   sl_exchange_t *x;
-  wslay_event_context_ptr side[2];
-  const char *in[2]; /* bytes being handed to wslay during one read */
-  size_t in_len[2];
-  bool paused[2];       /* reads stopped on this leg (backpressure) */
-  bool lost[2];         /* this leg's TCP connection is gone */
-  bool own_close[2];    /* the gateway queued a close on this leg itself */
-  unsigned busy;        /* nesting of entry points; freeing waits for 0 */
-  bool dead;            /* freed while busy */
+  ws_in_t in[2];   /* frames from the client [0] and from the upstream [1] */
+  ws_out_t out[2]; /* toward the client [0] and toward the upstream [1] */
+  unsigned busy;   /* nesting of entry points; freeing waits for 0 */
+  bool dead;       /* freed while busy */
   bool ending;
-  uint64_t last_activity_ms; /* a message or frame in either direction */
-  uint64_t last_ping_ms;
   bool close_wait; /* the session timer now bounds the close handshake */
-  sl_buf_t out[2];  /* bytes wslay produced for a leg, written in one call per frame */
-  /* A close waiting for the leg's queued messages to go out first: wslay sends control frames
-   * ahead of queued data, which would let a close overtake the last message. */
-  struct {
-    bool pending;
-    uint16_t code;
-    uint8_t reason[123];
-    size_t len;
-  } close_after[2];
+  uint64_t last_activity_ms; /* bytes from either leg */
+  uint64_t last_ping_ms;
 };
+
+/* Relayed bytes for one leg, gathered during one read and written with one writev. */
+typedef struct batch {
+  uv_buf_t iov[SL_WS_BATCH];
+  unsigned n;
+} batch_t;
 
 static const char ws_guid[] = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
@@ -72,135 +100,281 @@ int sl_ws_upgrade_kind(const sl_http_req_t *r, const char **why) {
   return -1;
 }
 
-/* Plumbing --------------------------------------------------------------------------------- */
+/* Writing ---------------------------------------------------------------------------------- */
 
-static int side_of(const sl_ws_t *ws, wslay_event_context_ptr ctx) {
-  return ctx == ws->side[CLIENT] ? CLIENT : UPSTREAM;
+static size_t queued(sl_ws_t *ws, int s) {
+  if (ws->out[s].lost || ws->dead) return 0;
+  return s == CLIENT ? sl_conn_queued_bytes(ws->x->conn) : sl_upconn_queued_bytes(ws->x->up);
 }
 
-static uv_stream_t *stream_of(sl_ws_t *ws, int s) {
-  return s == CLIENT ? (uv_stream_t *)&ws->x->conn->tcp : (uv_stream_t *)&ws->x->up->tcp;
+static void leg_writev(sl_ws_t *ws, int s, const uv_buf_t *iov, unsigned n) {
+  if (!n || ws->out[s].lost || ws->dead) return;
+  int rc = s == CLIENT ? sl_conn_writev(ws->x->conn, iov, n) : sl_upconn_writev(ws->x->up, iov, n);
+  if (rc < 0) ws->out[s].lost = true;
 }
 
-/* Unsent bytes toward leg s: in the socket's write queue and still queued in wslay. */
-static size_t backlog(sl_ws_t *ws, int s) {
-  if (ws->lost[s] || ws->dead) return 0;
-  return uv_stream_get_write_queue_size(stream_of(ws, s)) +
-         wslay_event_get_queued_msg_length(ws->side[s]);
+static void flush(sl_ws_t *ws, int s, batch_t *b) {
+  leg_writev(ws, s, b->iov, b->n);
+  b->n = 0;
 }
 
-static ssize_t on_recv(wslay_event_context_ptr ctx, uint8_t *buf, size_t len, int flags,
-                       void *ud) {
-  sl_ws_t *ws = ud;
-  int s = side_of(ws, ctx);
-  if (ws->in_len[s] == 0) {
-    wslay_event_set_error(ctx, WSLAY_ERR_WOULDBLOCK);
-    return -1;
+static void push(sl_ws_t *ws, int s, batch_t *b, const uint8_t *p, size_t len) {
+  if (!len) return;
+  if (b->n == SL_WS_BATCH) flush(ws, s, b);
+  b->iov[b->n++] = uv_buf_init((char *)p, (unsigned)len);
+}
+
+/* Writes a frame the gateway originates (close, ping): masked toward the upstream. */
+static void send_frame(sl_ws_t *ws, int s, uint8_t opcode, const uint8_t *payload, size_t len) {
+  uint8_t f[SL_WSF_MAX_HEADER + SL_WSF_MAX_CONTROL_PAYLOAD];
+  uint8_t mask[4];
+  if (s == UPSTREAM) {
+    uint64_t r = sl_worker_rand(ws->x->conn->w);
+    memcpy(mask, &r, 4);
   }
-  size_t n = SL_MIN(len, ws->in_len[s]);
-  memcpy(buf, ws->in[s], n);
-  ws->in[s] += n;
-  ws->in_len[s] -= n;
-  return (ssize_t)n;
+  size_t h = sl_wsf_encode(f, opcode, true, len, s == UPSTREAM ? mask : NULL);
+  memcpy(f + h, payload, len);
+  if (s == UPSTREAM) sl_wsf_mask(f + h, len, mask, 0);
+  uv_buf_t b = uv_buf_init((char *)f, (unsigned)(h + len));
+  leg_writev(ws, s, &b, 1); /* copied if the socket does not take it at once */
 }
 
-/* Writes what was gathered for leg s. Returns false when the leg is gone. */
-static bool flush_leg(sl_ws_t *ws, int s) {
-  sl_buf_t *b = &ws->out[s];
-  if (!b->len || ws->lost[s] || ws->dead) return !ws->lost[s];
-  int rc = s == CLIENT ? sl_conn_write(ws->x->conn, b->data, b->len)
-                       : sl_upconn_write(ws->x->up, b->data, b->len);
-  b->len = 0;
-  if (b->cap > 64 * 1024) sl_buf_free(b);
-  if (rc < 0) ws->lost[s] = true;
-  return rc >= 0;
+/* A relayed data frame toward leg s is half-written: nothing else may go out there yet. */
+static bool mid_frame(const sl_ws_t *ws, int s) {
+  const ws_in_t *f = &ws->in[1 - s];
+  return f->left > 0 && !f->drop;
 }
 
-/* wslay hands over a frame in pieces (header, then payload) flagged WSLAY_MSG_MORE: gather
- * them so each frame leaves in one write and one TCP segment, not two. */
-static ssize_t on_send(wslay_event_context_ptr ctx, const uint8_t *data, size_t len, int flags,
-                       void *ud) {
-  sl_ws_t *ws = ud;
-  int s = side_of(ws, ctx);
-  if (ws->lost[s] || ws->dead) {
-    wslay_event_set_error(ctx, WSLAY_ERR_CALLBACK_FAILURE);
-    return -1;
+static void send_close_now(sl_ws_t *ws, int s) {
+  ws_out_t *o = &ws->out[s];
+  uint8_t p[2 + sizeof(o->reason)];
+  p[0] = (uint8_t)(o->code >> 8);
+  p[1] = (uint8_t)o->code;
+  memcpy(p + 2, o->reason, o->reason_len);
+  o->close_pending = false;
+  o->close_sent = true;
+  send_frame(ws, s, SL_WSF_CLOSE, p, 2 + (size_t)o->reason_len);
+}
+
+/* The gateway closes leg s itself, at the next frame boundary toward it. */
+static void queue_close(sl_ws_t *ws, int s, uint16_t code, const char *reason) {
+  ws_out_t *o = &ws->out[s];
+  if (o->lost || o->close_sent || o->close_pending) return;
+  o->code = code;
+  o->reason_len = (uint8_t)SL_MIN(strlen(reason), sizeof(o->reason));
+  memcpy(o->reason, reason, o->reason_len);
+  if (!mid_frame(ws, s)) {
+    send_close_now(ws, s);
+    return;
   }
-  if (uv_stream_get_write_queue_size(stream_of(ws, s)) + ws->out[s].len > SL_WS_HWM) {
-    wslay_event_set_error(ctx, WSLAY_ERR_WOULDBLOCK);
-    return -1;
+  const ws_in_t *f = &ws->in[1 - s];
+  if (ws->out[1 - s].lost || f->failed) {
+    /* The frame in progress can never be completed: a clean close is impossible. */
+    o->lost = true;
+    return;
   }
-  sl_buf_append(&ws->out[s], data, len);
-  if (!(flags & WSLAY_MSG_MORE) || ws->out[s].len >= 64 * 1024) {
-    if (!flush_leg(ws, s)) {
-      wslay_event_set_error(ctx, WSLAY_ERR_CALLBACK_FAILURE);
-      return -1;
+  o->close_pending = true;
+}
+
+/* Reading ---------------------------------------------------------------------------------- */
+
+static const char *side_name(int s) { return s == CLIENT ? "client" : "upstream"; }
+
+/* A protocol violation by leg s: close it with `code`, and the other leg with 1001. */
+static void fail(sl_ws_t *ws, int s, uint16_t code, const char *why) {
+  ws->in[s].failed = true;
+  SL_INFO("request %s: %s WebSocket error: %s; closing with %u", ws->x->request_id, side_name(s),
+          why, code);
+  queue_close(ws, s, code, why);
+  char reason[48];
+  snprintf(reason, sizeof(reason), "%s closed with %u", side_name(s), code);
+  queue_close(ws, 1 - s, 1001, reason);
+}
+
+static const char *check_header(sl_ws_t *ws, int s, const sl_wsf_hdr_t *h) {
+  const ws_in_t *in = &ws->in[s];
+  if (h->rsv) return "reserved bits set";
+  if (!sl_wsf_known_opcode(h->opcode)) return "reserved opcode";
+  if (h->masked != (s == CLIENT)) return s == CLIENT ? "unmasked frame" : "masked frame";
+  if (sl_wsf_is_control(h->opcode)) {
+    if (!h->fin) return "fragmented control frame";
+    if (h->len > SL_WSF_MAX_CONTROL_PAYLOAD) return "control frame too long";
+  } else if (h->opcode == SL_WSF_CONT) {
+    if (!in->in_msg) return "continuation without a message";
+  } else if (in->in_msg) {
+    return "new message inside a fragmented one";
+  }
+  return NULL;
+}
+
+/* The relayed data frame from leg s ended: count it, and send a close that was waiting for it. */
+static void data_frame_done(sl_ws_t *ws, int s, batch_t *b) {
+  ws_in_t *in = &ws->in[s];
+  int o = 1 - s;
+  if (in->drop) return;
+  if (in->fin) ws->x->conn->w->stats.ws_messages[s]++;
+  if (ws->out[o].close_pending) {
+    flush(ws, o, b);
+    send_close_now(ws, o);
+  }
+}
+
+/* A whole control frame from leg s is in in->ctl. */
+static void control_frame(sl_ws_t *ws, int s, batch_t *b) {
+  ws_in_t *in = &ws->in[s];
+  int o = 1 - s;
+  uint8_t op = in->ctl[0] & 0xf;
+  size_t len = (size_t)in->cneed - in->chlen;
+  uint8_t payload[SL_WSF_MAX_CONTROL_PAYLOAD];
+  memcpy(payload, in->ctl + in->chlen, len);
+  if (s == CLIENT) sl_wsf_mask(payload, len, in->ctl + in->chlen - 4, 0);
+
+  if (op == SL_WSF_PONG && len == sizeof(ka_token) && !memcmp(payload, ka_token, len))
+    return; /* the answer to the gateway's keepalive */
+  if (op == SL_WSF_CLOSE) {
+    unsigned code = len >= 2 ? (unsigned)payload[0] << 8 | payload[1] : 0;
+    if (len == 1 || (len >= 2 && !sl_wsf_valid_close_code(code))) {
+      fail(ws, s, 1002, "invalid close frame");
+      return;
+    }
+    in->close_rcvd = true;
+    SL_DEBUG("request %s: %s sent close %u", ws->x->request_id, side_name(s), code);
+  }
+  ws_out_t *to = &ws->out[o];
+  if (to->lost || to->close_sent || to->close_pending) {
+    /* The other leg is closing already: answer the peer's close ourselves. */
+    if (op == SL_WSF_CLOSE) queue_close(ws, s, 1000, "");
+    return;
+  }
+  push(ws, o, b, in->ctl, in->cneed);
+  flush(ws, o, b); /* ctl is reused by the next control frame */
+  if (op == SL_WSF_CLOSE) to->close_sent = true;
+}
+
+/* Relays what leg s sent. Bytes of data frames are forwarded from `p` itself (copied only when
+ * the socket does not take them at once); header checks, message-size accounting and
+ * control frames are the only per-frame work. */
+static void feed(sl_ws_t *ws, int s, const uint8_t *p, size_t n) {
+  ws_in_t *in = &ws->in[s];
+  int o = 1 - s;
+  uint64_t max = ws->x->pool->conf->ws_max_message_bytes;
+  batch_t b;
+  b.n = 0;
+  size_t i = 0, span = 0; /* p[span..i) is to be relayed verbatim */
+  ws->last_activity_ms = sl_worker_now(ws->x->conn->w);
+  if (in->failed || in->close_rcvd) return;
+  ws->x->conn->w->stats.ws_bytes[s] += n;
+
+  while (i < n && !in->failed && !in->close_rcvd && !ws->dead) {
+    if (in->left) { /* payload of a data frame */
+      size_t take = (size_t)SL_MIN(in->left, (uint64_t)(n - i));
+      if (in->drop) {
+        push(ws, o, &b, p + span, i - span);
+        span = i + take;
+      }
+      i += take;
+      in->left -= take;
+      if (!in->left) {
+        push(ws, o, &b, p + span, i - span);
+        span = i;
+        data_frame_done(ws, s, &b);
+      }
+      continue;
+    }
+    if (in->cn) { /* the rest of a control frame */
+      size_t take = SL_MIN((size_t)(in->cneed - in->cn), n - i);
+      memcpy(in->ctl + in->cn, p + i, take);
+      in->cn = (uint8_t)(in->cn + take);
+      i += take;
+      span = i;
+      if (in->cn == in->cneed) {
+        in->cn = 0;
+        control_frame(ws, s, &b);
+      }
+      continue;
+    }
+
+    /* A frame header starts here, or completes one begun in the previous read. */
+    sl_wsf_hdr_t h;
+    int hl;
+    size_t fstart = i; /* where the frame's bytes in p begin */
+    bool from_hdr = in->hn > 0;
+    if (from_hdr) {
+      size_t take = SL_MIN(sizeof(in->hdr) - in->hn, n - i);
+      memcpy(in->hdr + in->hn, p + i, take);
+      hl = sl_wsf_parse(in->hdr, in->hn + take, &h);
+      if (hl == 0) {
+        in->hn = (uint8_t)(in->hn + take);
+        i = span = i + take;
+        break;
+      }
+      if (hl > 0) i += (size_t)hl - in->hn;
+      in->hn = 0;
+    } else {
+      hl = sl_wsf_parse(p + i, n - i, &h);
+      if (hl == 0) { /* keep the partial header for the next read */
+        push(ws, o, &b, p + span, i - span);
+        flush(ws, o, &b);
+        memcpy(in->hdr, p + i, n - i);
+        in->hn = (uint8_t)(n - i);
+        i = span = n;
+        break;
+      }
+    }
+    const char *why = hl < 0 ? "malformed frame length" : check_header(ws, s, &h);
+    if (why || (!sl_wsf_is_control(h.opcode) && max &&
+                (h.opcode == SL_WSF_CONT ? in->msg_len : 0) + h.len > max)) {
+      /* Frames before this one still go out, then the closes. */
+      push(ws, o, &b, p + span, fstart - span);
+      flush(ws, o, &b);
+      span = i = n;
+      if (why) fail(ws, s, 1002, why);
+      else fail(ws, s, 1009, "message too big");
+      break;
+    }
+    const uint8_t *hp = from_hdr ? in->hdr : p + i;
+    if (!from_hdr) i += (size_t)hl;
+
+    if (sl_wsf_is_control(h.opcode)) {
+      push(ws, o, &b, p + span, fstart - span);
+      memcpy(in->ctl, hp, (size_t)hl);
+      in->chlen = (uint8_t)hl;
+      in->cneed = (uint8_t)(hl + (int)h.len);
+      in->cn = (uint8_t)hl;
+      span = i;
+      if (in->cn == in->cneed) {
+        in->cn = 0;
+        control_frame(ws, s, &b);
+      }
+      continue;
+    }
+
+    /* Data frame: its header and payload are relayed as they are. */
+    if (h.opcode != SL_WSF_CONT) in->msg_len = 0;
+    in->in_msg = !h.fin;
+    in->msg_len += h.len;
+    ws_out_t *to = &ws->out[o];
+    in->drop = to->lost || to->close_sent || to->close_pending;
+    in->fin = h.fin;
+    in->left = h.len;
+    if (from_hdr || in->drop) {
+      push(ws, o, &b, p + span, fstart - span);
+      if (!in->drop) push(ws, o, &b, in->hdr, (size_t)hl);
+      span = i;
+    }
+    if (!in->left) {
+      push(ws, o, &b, p + span, i - span);
+      span = i;
+      data_frame_done(ws, s, &b);
     }
   }
-  return (ssize_t)len;
+  push(ws, o, &b, p + span, i - span);
+  flush(ws, o, &b);
 }
-
-static int on_genmask(wslay_event_context_ptr ctx, uint8_t *buf, size_t len, void *ud) {
-  sl_ws_t *ws = ud;
-  sl_worker_t *w = ws->x->conn->w;
-  for (size_t i = 0; i < len; i += 8) {
-    uint64_t r = sl_worker_rand(w);
-    memcpy(buf + i, &r, SL_MIN((size_t)8, len - i));
-  }
-  return 0;
-}
-
-static bool close_started(const sl_ws_t *ws, int s) {
-  return ws->close_after[s].pending || wslay_event_get_close_sent(ws->side[s]);
-}
-
-/* Queues a close on leg s once everything already queued there has been sent. */
-static void close_leg(sl_ws_t *ws, int s, uint16_t code, const uint8_t *reason, size_t len) {
-  if (ws->lost[s] || close_started(ws, s)) return;
-  ws->close_after[s].pending = true;
-  ws->close_after[s].code = code;
-  ws->close_after[s].len = SL_MIN(len, sizeof(ws->close_after[s].reason));
-  if (len) memcpy(ws->close_after[s].reason, reason, ws->close_after[s].len);
-}
-
-static void queue_close(sl_ws_t *ws, int s, uint16_t code, const char *reason) {
-  if (ws->lost[s] || close_started(ws, s)) return;
-  ws->own_close[s] = true;
-  close_leg(ws, s, code, (const uint8_t *)reason, reason ? strlen(reason) : 0);
-}
-
-/* Relays a complete message (or a close) to the other leg. */
-static void on_msg(wslay_event_context_ptr ctx, const struct wslay_event_on_msg_recv_arg *arg,
-                   void *ud) {
-  sl_ws_t *ws = ud;
-  int s = side_of(ws, ctx), o = 1 - s;
-  if (ws->lost[o] || close_started(ws, o)) return;
-  if (arg->opcode == WSLAY_TEXT_FRAME || arg->opcode == WSLAY_BINARY_FRAME) {
-    struct wslay_event_msg m = {arg->opcode, arg->msg, arg->msg_length};
-    wslay_event_queue_msg(ws->side[o], &m);
-  } else if (arg->opcode == WSLAY_CONNECTION_CLOSE) {
-    /* The same code and reason, so the far end learns why (no code -> a close without one). */
-    size_t rlen = arg->msg_length > 2 ? arg->msg_length - 2 : 0;
-    close_leg(ws, o, arg->status_code, rlen ? arg->msg + 2 : NULL, rlen);
-  }
-}
-
-static const struct wslay_event_callbacks callbacks = {
-    .recv_callback = on_recv,
-    .send_callback = on_send,
-    .genmask_callback = on_genmask,
-    .on_msg_recv_callback = on_msg,
-};
 
 /* Session lifecycle ------------------------------------------------------------------------ */
 
-static void really_free(sl_ws_t *ws) {
-  for (int s = 0; s < 2; s++) {
-    if (ws->side[s]) wslay_event_context_free(ws->side[s]);
-    sl_buf_free(&ws->out[s]);
-  }
-  free(ws);
-}
+static void really_free(sl_ws_t *ws) { free(ws); }
 
 void sl_ws_free(sl_ws_t *ws) {
   if (!ws) return;
@@ -211,115 +385,43 @@ void sl_ws_free(sl_ws_t *ws) {
   really_free(ws);
 }
 
-/* Done when gone, or when our close went out and the peer's close came back — or can no longer
- * come: wslay stops reading on a protocol error, including close codes it does not know, such
- * as a peer echoing 1012. */
-static bool leg_finished(sl_ws_t *ws, int s) {
-  wslay_event_context_ptr c = ws->side[s];
-  return ws->lost[s] || (wslay_event_get_close_sent(c) &&
-                         (wslay_event_get_close_received(c) || !wslay_event_get_read_enabled(c)));
+static bool leg_finished(const sl_ws_t *ws, int s) {
+  return ws->out[s].lost ||
+         (ws->out[s].close_sent && (ws->in[s].close_rcvd || ws->in[s].failed));
 }
 
-static void set_paused(sl_ws_t *ws, int s, bool pause) {
-  if (ws->paused[s] == pause || ws->lost[s]) return;
-  ws->paused[s] = pause;
+static bool closing(const sl_ws_t *ws) {
+  for (int s = 0; s < 2; s++)
+    if (ws->out[s].lost || ws->out[s].close_sent || ws->out[s].close_pending ||
+        ws->in[s].close_rcvd || ws->in[s].failed)
+      return true;
+  return false;
+}
+
+/* Reads on leg s pause while the other leg has more than the high-water mark unsent, and
+ * resume below the low-water mark. */
+static void apply_backpressure(sl_ws_t *ws, int s) {
+  int o = 1 - s;
+  if (ws->out[s].lost) return;
+  size_t q = queued(ws, o);
+  bool pause = ws->out[o].paused ? q > SL_WS_LWM : q > SL_WS_HWM;
+  if (pause == ws->out[o].paused) return;
+  ws->out[o].paused = pause;
   if (s == CLIENT)
     sl_conn_read_pause(ws->x->conn, pause);
   else
     sl_upconn_read_pause(ws->x->up, pause);
 }
 
-static void pump(sl_ws_t *ws);
-static void enter(sl_ws_t *ws);
-static bool leave(sl_ws_t *ws);
+static void on_session_timer(uv_timer_t *t);
 
-static bool closing(const sl_ws_t *ws) {
-  for (int s = 0; s < 2; s++)
-    if (ws->lost[s] || ws->close_after[s].pending || wslay_event_get_close_sent(ws->side[s]) ||
-        wslay_event_get_close_received(ws->side[s]))
-      return true;
-  return false;
-}
-
-/* Period of the session timer: keepalive pings and the idle check. */
-static uint64_t tick_ms(const sl_ws_t *ws) {
-  const sl_pool_conf_t *pc = ws->x->pool->conf;
-  uint64_t t = UINT64_MAX;
-  if (pc->ws_ping_interval_ms) t = pc->ws_ping_interval_ms;
-  if (pc->ws_idle_timeout_ms) t = SL_MIN(t, SL_MAX(pc->ws_idle_timeout_ms / 4, 1u));
-  return t;
-}
-
-static void on_session_timer(uv_timer_t *t) {
-  sl_exchange_t *x = t->data;
-  sl_ws_t *ws = x->ws;
-  if (!ws || ws->ending) return;
-  if (closing(ws)) { /* the close handshake did not finish in time */
-    SL_INFO("request %s: WebSocket close handshake timed out", x->request_id);
+/* After any event: apply backpressure, and end the session once both legs are closed. */
+static void settle(sl_ws_t *ws) {
+  if (ws->dead || ws->ending) return;
+  for (int s = 0; s < 2; s++) apply_backpressure(ws, s);
+  if (leg_finished(ws, CLIENT) && leg_finished(ws, UPSTREAM)) {
     ws->ending = true;
-    sl_proxy_ws_end(x, false, !ws->lost[UPSTREAM]);
-    return;
-  }
-  const sl_pool_conf_t *pc = x->pool->conf;
-  uint64_t now = sl_worker_now(x->conn->w);
-  enter(ws);
-  if (pc->ws_idle_timeout_ms && now - ws->last_activity_ms >= pc->ws_idle_timeout_ms) {
-    queue_close(ws, CLIENT, 1001, "idle timeout");
-    queue_close(ws, UPSTREAM, 1001, "idle timeout");
-  } else if (pc->ws_ping_interval_ms && now - ws->last_ping_ms >= pc->ws_ping_interval_ms) {
-    /* Keepalive on both legs; wslay answers the peers' pongs and counts them as traffic. */
-    struct wslay_event_msg ping = {WSLAY_PING, NULL, 0};
-    for (int s = 0; s < 2; s++)
-      if (!ws->lost[s]) wslay_event_queue_msg(ws->side[s], &ping);
-    ws->last_ping_ms = now;
-  }
-  if (!ws->dead) pump(ws);
-  if (leave(ws) && !ws->ending && x->ws == ws) {
-    uint64_t tick = tick_ms(ws);
-    if (tick != UINT64_MAX && !closing(ws)) uv_timer_start(&x->timer, on_session_timer, tick, 0);
-  }
-}
-
-/* After any event: flush both legs, apply backpressure, and end the session once both legs are
- * closed. */
-static void send_leg(sl_ws_t *ws, int s) {
-  if (ws->dead || ws->lost[s]) return;
-  if (wslay_event_want_write(ws->side[s]) && wslay_event_send(ws->side[s]) != 0) ws->lost[s] = true;
-  flush_leg(ws, s);
-  if (ws->dead || ws->lost[s] || !ws->close_after[s].pending ||
-      wslay_event_get_queued_msg_count(ws->side[s]) != 0)
-    return;
-  ws->close_after[s].pending = false;
-  wslay_event_queue_close(ws->side[s], ws->close_after[s].code, ws->close_after[s].reason,
-                          ws->close_after[s].len);
-  if (wslay_event_send(ws->side[s]) != 0) ws->lost[s] = true;
-  flush_leg(ws, s);
-}
-
-static void pump(sl_ws_t *ws) {
-  for (int s = 0; s < 2 && !ws->dead; s++) send_leg(ws, s);
-  if (ws->dead) return;
-  /* A close the gateway's parser generated on one leg (1002 bad frame, 1009 too big) ends the
-   * other leg too. */
-  for (int s = 0; s < 2; s++) {
-    int o = 1 - s;
-    if (!ws->own_close[s] && wslay_event_get_close_sent(ws->side[s]) &&
-        !wslay_event_get_close_received(ws->side[s]) && !ws->lost[o] && !close_started(ws, o)) {
-      char reason[64];
-      snprintf(reason, sizeof(reason), "%s closed with %u", s == CLIENT ? "client" : "upstream",
-               wslay_event_get_status_code_sent(ws->side[s]));
-      queue_close(ws, o, 1001, reason);
-      send_leg(ws, o);
-    }
-  }
-  if (ws->dead) return;
-  for (int s = 0; s < 2; s++) set_paused(ws, s, backlog(ws, 1 - s) > SL_WS_HWM);
-
-  if (ws->ending || ws->dead) return;
-  bool fin[2] = {leg_finished(ws, CLIENT), leg_finished(ws, UPSTREAM)};
-  if (fin[CLIENT] && fin[UPSTREAM]) {
-    ws->ending = true;
-    sl_proxy_ws_end(ws->x, !ws->lost[CLIENT], !ws->lost[UPSTREAM]);
+    sl_proxy_ws_end(ws->x, !ws->out[CLIENT].lost, !ws->out[UPSTREAM].lost);
     return;
   }
   if (closing(ws) && !ws->close_wait) {
@@ -339,77 +441,88 @@ static bool leave(sl_ws_t *ws) {
   return true;
 }
 
-static void feed(sl_ws_t *ws, int s, const char *data, size_t n) {
-  if (ws->lost[s] || !wslay_event_get_read_enabled(ws->side[s])) return;
-  ws->in[s] = data;
-  ws->in_len[s] = n;
-  ws->last_activity_ms = sl_worker_now(ws->x->conn->w);
-  if (wslay_event_recv(ws->side[s]) != 0) ws->lost[s] = true;
-  ws->in_len[s] = 0;
+/* Period of the session timer: keepalive pings and the idle check. */
+static uint64_t tick_ms(const sl_ws_t *ws) {
+  const sl_pool_conf_t *pc = ws->x->pool->conf;
+  uint64_t t = UINT64_MAX;
+  if (pc->ws_ping_interval_ms) t = pc->ws_ping_interval_ms;
+  if (pc->ws_idle_timeout_ms) t = SL_MIN(t, SL_MAX(pc->ws_idle_timeout_ms / 4, 1u));
+  return t;
+}
+
+static void on_session_timer(uv_timer_t *t) {
+  sl_exchange_t *x = t->data;
+  sl_ws_t *ws = x->ws;
+  if (!ws || ws->ending) return;
+  if (ws->close_wait) { /* the close handshake did not finish in time */
+    SL_INFO("request %s: WebSocket close handshake timed out", x->request_id);
+    ws->ending = true;
+    sl_proxy_ws_end(x, false, !ws->out[UPSTREAM].lost);
+    return;
+  }
+  const sl_pool_conf_t *pc = x->pool->conf;
+  uint64_t now = sl_worker_now(x->conn->w);
+  enter(ws);
+  if (pc->ws_idle_timeout_ms && now - ws->last_activity_ms >= pc->ws_idle_timeout_ms) {
+    queue_close(ws, CLIENT, 1001, "idle timeout");
+    queue_close(ws, UPSTREAM, 1001, "idle timeout");
+  } else if (pc->ws_ping_interval_ms && now - ws->last_ping_ms >= pc->ws_ping_interval_ms) {
+    /* Keepalive on both legs, between relayed frames; the pongs count as activity. */
+    for (int s = 0; s < 2 && !ws->dead; s++)
+      if (!ws->out[s].lost && !ws->out[s].close_sent && !mid_frame(ws, s))
+        send_frame(ws, s, SL_WSF_PING, ka_token, sizeof(ka_token));
+    ws->last_ping_ms = now;
+  }
+  settle(ws);
+  if (leave(ws) && !ws->ending && x->ws == ws && !ws->close_wait) {
+    uint64_t tick = tick_ms(ws);
+    if (tick != UINT64_MAX) uv_timer_start(&x->timer, on_session_timer, tick, 0);
+  }
 }
 
 static void leg_lost(sl_ws_t *ws, int s) {
-  ws->lost[s] = true;
+  ws->out[s].lost = true;
   if (s == UPSTREAM) {
-    ws->x->conn->w->stats.ws_upstream_lost++;
+    if (!ws->in[UPSTREAM].close_rcvd) ws->x->conn->w->stats.ws_upstream_lost++;
     queue_close(ws, CLIENT, 1011, "upstream connection lost");
   } else {
     queue_close(ws, UPSTREAM, 1001, "client went away");
   }
 }
 
-void sl_ws_client_read(sl_ws_t *ws, const char *data, ssize_t n) {
+static void on_read(sl_ws_t *ws, int s, const char *data, ssize_t n) {
   enter(ws);
   if (n < 0)
-    leg_lost(ws, CLIENT);
+    leg_lost(ws, s);
   else
-    feed(ws, CLIENT, data, (size_t)n);
-  if (!ws->dead) pump(ws);
+    feed(ws, s, (const uint8_t *)data, (size_t)n);
+  settle(ws);
   leave(ws);
 }
+
+void sl_ws_client_read(sl_ws_t *ws, const char *data, ssize_t n) { on_read(ws, CLIENT, data, n); }
 
 static void on_up_read(void *ctx, sl_upconn_t *u, const char *data, ssize_t n) {
-  sl_ws_t *ws = ctx;
+  on_read(ctx, UPSTREAM, data, n);
+}
+
+static void drained(sl_ws_t *ws) {
   enter(ws);
-  if (n < 0)
-    leg_lost(ws, UPSTREAM);
-  else
-    feed(ws, UPSTREAM, data, (size_t)n);
-  if (!ws->dead) pump(ws);
+  settle(ws);
   leave(ws);
 }
 
-static void on_up_drained(void *ctx, sl_upconn_t *u) {
-  sl_ws_t *ws = ctx;
-  enter(ws);
-  pump(ws);
-  leave(ws);
-}
+static void on_up_drained(void *ctx, sl_upconn_t *u) { drained(ctx); }
 
-void sl_ws_client_drained(sl_ws_t *ws) {
-  enter(ws);
-  pump(ws);
-  leave(ws);
-}
+void sl_ws_client_drained(sl_ws_t *ws) { drained(ws); }
 
 static const sl_upconn_ops_t ws_up_ops = {
     .read = on_up_read,
     .drained = on_up_drained,
 };
 
-int sl_ws_start(sl_exchange_t *x, const char *accept, const char *protocol,
-                     size_t protocol_len, const char *early, size_t early_len) {
-  sl_ws_t *ws = sl_calloc(1, sizeof(*ws));
-  ws->x = x;
-  if (wslay_event_context_server_init(&ws->side[CLIENT], &callbacks, ws) != 0 ||
-      wslay_event_context_client_init(&ws->side[UPSTREAM], &callbacks, ws) != 0) {
-    really_free(ws);
-    return -1;
-  }
-  uint64_t max = x->pool->conf->ws_max_message_bytes;
-  wslay_event_config_set_max_recv_msg_length(ws->side[CLIENT], max);
-  wslay_event_config_set_max_recv_msg_length(ws->side[UPSTREAM], max);
-
+int sl_ws_start(sl_exchange_t *x, const char *accept, const char *protocol, size_t protocol_len,
+                const char *early, size_t early_len) {
   sl_buf_t b;
   sl_buf_init(&b);
   sl_buf_appends(&b, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
@@ -423,10 +536,10 @@ int sl_ws_start(sl_exchange_t *x, const char *accept, const char *protocol,
   sl_buf_append2(&b, x->request_id, strlen(x->request_id), "\r\n\r\n");
   int rc = sl_conn_write(x->conn, b.data, b.len);
   sl_buf_free(&b);
-  if (rc < 0) {
-    really_free(ws);
-    return -1;
-  }
+  if (rc < 0) return -1;
+
+  sl_ws_t *ws = sl_calloc(1, sizeof(*ws));
+  ws->x = x;
   x->ws = ws;
   x->up->ops = &ws_up_ops;
   x->up->ctx = ws;
@@ -435,13 +548,12 @@ int sl_ws_start(sl_exchange_t *x, const char *accept, const char *protocol,
   uint64_t tick = tick_ms(ws);
   if (tick != UINT64_MAX) uv_timer_start(&x->timer, on_session_timer, tick, 0);
   enter(ws);
-  if (early_len) feed(ws, UPSTREAM, early, early_len);
+  if (early_len) feed(ws, UPSTREAM, (const uint8_t *)early, early_len);
   sl_conn_t *c = x->conn;
-  if (c->in.len) { /* frames the client sent right after its upgrade request */
-    feed(ws, CLIENT, c->in.data, c->in.len);
-    c->in.len = 0;
-  }
-  if (!ws->dead) pump(ws);
+  if (c->in.len && !ws->dead) /* frames the client sent right after its upgrade request */
+    feed(ws, CLIENT, (const uint8_t *)c->in.data, c->in.len);
+  sl_buf_free(&c->in); /* a session never parses HTTP on this connection again */
+  settle(ws);
   leave(ws);
   return 0;
 }
@@ -450,6 +562,6 @@ void sl_ws_shutdown(sl_ws_t *ws) {
   enter(ws);
   queue_close(ws, CLIENT, 1012, "gateway restarting");
   queue_close(ws, UPSTREAM, 1001, "gateway shutting down");
-  if (!ws->dead) pump(ws);
+  settle(ws);
   leave(ws);
 }
