@@ -1,9 +1,9 @@
 /* WebSocket relay. The upgrade goes through the normal proxy path (route, admission, balancer,
  * retries, breaker, fallback); only once the upstream answered 101 does the client get its
- * 101, and the connection pair becomes a session: frames are parsed on both legs with wslay
- * (server role toward the client, client role toward the upstream), messages are relayed
- * whole, close codes travel both ways, and reads on one leg pause while the other leg's unsent
- * bytes are above a high-water mark. The session holds its endpoint slot (it counts as in
+ * 101, and the connection pair becomes a session: each leg's frame headers are parsed and
+ * checked, frames are relayed as they arrive with their bytes untouched, close codes travel
+ * both ways, and reads on one leg pause while the other leg's unsent bytes are above a
+ * high-water mark (until they drop below a low-water mark). The session holds its endpoint slot (it counts as in
  * flight) and its config generation until it ends, so reloads never cut it. */
 #ifndef SL_WS_H
 #define SL_WS_H
