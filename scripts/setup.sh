@@ -5,7 +5,7 @@ set -euo pipefail
 
 pkgs=(build-essential cmake pkg-config
       libuv1-dev libluajit2-5.1-dev luajit2 libwslay-dev libssl-dev node-llhttp
-      lua-busted lua-cjson curl python3 python3-websockets)
+      lua-busted lua-cjson curl python3 python3-websockets prometheus)
 # Node.js and npm (the `ws` client in the WebSocket tests) may come with the machine image;
 # install Debian's only when missing.
 command -v npm >/dev/null 2>&1 || pkgs+=(nodejs npm)
