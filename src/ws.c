@@ -234,6 +234,7 @@ static void control_frame(sl_ws_t *ws, int s, batch_t *b) {
   if (op == SL_WSF_CLOSE) {
     unsigned code = len >= 2 ? (unsigned)payload[0] << 8 | payload[1] : 0;
     if (len == 1 || (len >= 2 && !sl_wsf_valid_close_code(code))) {
+      flush(ws, o, b); /* frames relayed before it go out ahead of the gateway's close */
       fail(ws, s, 1002, "invalid close frame");
       return;
     }
