@@ -19,6 +19,7 @@ struct sl_cache_entry {
   unsigned refs;
   bool in_table, committed, over;
   uint16_t status;
+  uint32_t flags;
   char *tag;
   size_t tag_len;
   char *head;
@@ -185,6 +186,11 @@ static void entry_free(sl_cache_entry_t *e) {
   free(e);
 }
 
+sl_cache_entry_t *sl_cache_entry_ref(sl_cache_entry_t *e) {
+  e->refs++;
+  return e;
+}
+
 void sl_cache_entry_unref(sl_cache_entry_t *e) {
   if (!e) return;
   assert(e->refs > 0);
@@ -197,6 +203,8 @@ void sl_cache_entry_unref(sl_cache_entry_t *e) {
 void sl_cache_entry_abandon(sl_cache_entry_t *e) { sl_cache_entry_unref(e); }
 
 uint16_t sl_cache_entry_status(const sl_cache_entry_t *e) { return e->status; }
+void sl_cache_entry_set_flags(sl_cache_entry_t *e, uint32_t flags) { e->flags = flags; }
+uint32_t sl_cache_entry_flags(const sl_cache_entry_t *e) { return e->flags; }
 
 const char *sl_cache_entry_head(const sl_cache_entry_t *e, size_t *len) {
   *len = e->head_len;

@@ -62,11 +62,15 @@ void sl_cache_entry_abandon(sl_cache_entry_t *e);
 /* Returns a new reference to a live entry (moved to the LRU head; counted as a hit), or NULL
  * (a miss; an expired entry found is removed and counted as expired). */
 sl_cache_entry_t *sl_cache_lookup(sl_cache_t *c, const sl_cache_key_t *key, uint64_t now_ms);
+sl_cache_entry_t *sl_cache_entry_ref(sl_cache_entry_t *e);
 /* Releases a reference; the last one frees the entry. NULL is ignored. */
 void sl_cache_entry_unref(sl_cache_entry_t *e);
 
 /* Read access for replay. Pointers stay valid while the caller holds its reference. */
 uint16_t sl_cache_entry_status(const sl_cache_entry_t *e);
+/* Caller-defined bits stored with the entry (how the body was framed, for replay). */
+void sl_cache_entry_set_flags(sl_cache_entry_t *e, uint32_t flags);
+uint32_t sl_cache_entry_flags(const sl_cache_entry_t *e);
 const char *sl_cache_entry_head(const sl_cache_entry_t *e, size_t *len);
 size_t sl_cache_entry_body_len(const sl_cache_entry_t *e);
 size_t sl_cache_entry_nchunks(const sl_cache_entry_t *e);

@@ -3,8 +3,10 @@
 #include "log.h"
 #include "policy.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <lauxlib.h>
+#include <llhttp.h>
 #include <lualib.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -154,6 +156,65 @@ static void read_listen(lua_State *L, int idx, sl_listen_conf_t *l) {
   lua_pop(L, 1);
 }
 
+/* A list of strings (lowercased when `lower`) as a malloc'd array. */
+static char **get_str_list(lua_State *L, int idx, const char *key, bool lower, uint32_t *n) {
+  lua_getfield(L, idx, key);
+  *n = lua_istable(L, -1) ? (uint32_t)lua_objlen(L, -1) : 0;
+  char **out = *n ? sl_calloc(*n, sizeof(char *)) : NULL;
+  for (uint32_t i = 0; i < *n; i++) {
+    lua_rawgeti(L, -1, (int)i + 1);
+    out[i] = sl_strdup(lua_tostring(L, -1));
+    if (lower)
+      for (char *p = out[i]; *p; p++) *p = (char)tolower((unsigned char)*p);
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  return out;
+}
+
+static sl_route_cache_conf_t *read_route_cache(lua_State *L, int t) {
+  sl_route_cache_conf_t *rc = sl_calloc(1, sizeof(*rc));
+  rc->ttl_ms = (uint32_t)get_int(L, t, "ttl_s") * 1000u;
+  uint32_t n = 0;
+  char **methods = get_str_list(L, t, "methods", false, &n);
+  for (uint32_t i = 0; i < n; i++) {
+    for (int m = 0; m < 32; m++) /* the schema allows only methods llhttp numbers below 32 */
+      if (strcmp(methods[i], llhttp_method_name((llhttp_method_t)m)) == 0) rc->methods |= 1u << m;
+    free(methods[i]);
+  }
+  free(methods);
+  lua_getfield(L, t, "statuses");
+  n = (uint32_t)lua_objlen(L, -1);
+  for (uint32_t i = 1; i <= n; i++) {
+    lua_rawgeti(L, -1, (int)i);
+    int s = (int)lua_tointeger(L, -1) - 100;
+    rc->statuses[s >> 3] |= (uint8_t)(1u << (s & 7));
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  rc->key_headers = get_str_list(L, t, "key_headers", true, &rc->nkey_headers);
+  rc->authorization = get_bool(L, t, "authorization");
+  rc->stream = get_bool(L, t, "stream");
+  rc->coalesce = get_bool(L, t, "coalesce");
+  rc->coalesce_wait_ms = (uint32_t)get_int(L, t, "coalesce_wait_ms");
+  rc->policy = get_str(L, t, "policy");
+  int j = push_sub(L, t, "json");
+  rc->json_canonical = get_bool(L, j, "canonical");
+  rc->json_ignore = get_str_list(L, j, "ignore", false, &rc->njson_ignore);
+  lua_pop(L, 1);
+  return rc;
+}
+
+static void free_route_cache(sl_route_cache_conf_t *rc) {
+  if (!rc) return;
+  for (uint32_t i = 0; i < rc->nkey_headers; i++) free(rc->key_headers[i]);
+  for (uint32_t i = 0; i < rc->njson_ignore; i++) free(rc->json_ignore[i]);
+  free(rc->key_headers);
+  free(rc->json_ignore);
+  free(rc->policy);
+  free(rc);
+}
+
 static void read_pool(lua_State *L, int idx, const char *name, sl_pool_conf_t *p) {
   p->name = sl_strdup(name);
   p->balancer = get_str(L, idx, "balancer");
@@ -288,6 +349,7 @@ static void extract(lua_State *L, int idx, sl_config_t *c) {
   lua_pop(L, 1);
   t = push_sub(L, idx, "cache");
   c->cache_max_bytes = (uint64_t)get_int(L, t, "max_bytes");
+  c->cache_max_entry_bytes = (uint64_t)get_int(L, t, "max_entry_bytes");
   lua_pop(L, 1);
 
   t = push_sub(L, idx, "pools");
@@ -314,7 +376,9 @@ static void extract(lua_State *L, int idx, sl_config_t *c) {
     c->routes[i].host = get_str(L, r, "host");
     c->routes[i].pool = get_str(L, r, "pool");
     c->routes[i].pool_idx = (uint32_t)sl_config_pool_index(c, c->routes[i].pool);
-    lua_pop(L, 1);
+    lua_getfield(L, r, "cache");
+    if (lua_istable(L, -1)) c->routes[i].cache = read_route_cache(L, lua_gettop(L));
+    lua_pop(L, 2);
   }
   lua_pop(L, 1);
   for (i = 0; i < c->npools; i++)
@@ -384,6 +448,7 @@ void sl_config_free(sl_config_t *c) {
     free(c->routes[i].path);
     free(c->routes[i].host);
     free(c->routes[i].pool);
+    free_route_cache(c->routes[i].cache);
   }
   free(c->routes);
   free(c->policies_dir);

@@ -56,11 +56,34 @@ static inline bool sl_pool_conf_retries_status(const sl_pool_conf_t *p, int stat
   return (p->retry_status[i >> 3] >> (i & 7)) & 1;
 }
 
+/* Response caching on a route (routes[i].cache). */
+typedef struct sl_route_cache_conf {
+  uint32_t ttl_ms;
+  uint32_t methods;       /* bit (1 << llhttp method) per cacheable method */
+  uint8_t statuses[63];   /* bit per status 100..599 */
+  char **key_headers;     /* lowercase names added to the key */
+  uint32_t nkey_headers;
+  char **json_ignore;     /* top-level JSON fields left out of the key */
+  uint32_t njson_ignore;
+  uint32_t coalesce_wait_ms;
+  char *policy;           /* policies/cache/<name>.lua, or NULL */
+  bool authorization;     /* the Authorization header is part of the key (tenant isolation) */
+  bool json_canonical;
+  bool stream;            /* chunked / text/event-stream responses may be stored */
+  bool coalesce;
+} sl_route_cache_conf_t;
+
+static inline bool sl_route_cache_status(const sl_route_cache_conf_t *c, int status) {
+  int i = status - 100;
+  return i >= 0 && i < 500 && ((c->statuses[i >> 3] >> (i & 7)) & 1);
+}
+
 typedef struct sl_route_conf {
   char *path;
   char *host; /* NULL = any host; "*.example.com" matches subdomains */
   char *pool;
   uint32_t pool_idx;
+  sl_route_cache_conf_t *cache; /* NULL: not cached */
 } sl_route_conf_t;
 
 typedef struct sl_listen_conf {
@@ -87,7 +110,7 @@ typedef struct sl_config {
   uint64_t lua_budget;         /* instructions per call into a policy */
   sl_h1_limits_t limits;
   uint32_t header_timeout_ms, idle_timeout_ms, drain_timeout_ms;
-  uint64_t cache_max_bytes;
+  uint64_t cache_max_bytes, cache_max_entry_bytes;
   sl_pool_conf_t *pools;
   uint32_t npools;
   sl_route_conf_t *routes;

@@ -3,6 +3,7 @@
 
 #include "admin.h"
 #include "admission.h"
+#include "cache.h"
 #include "config.h"
 #include "io.h"
 #include "log.h"
@@ -57,6 +58,7 @@ static sl_worker_t *worker_new(uv_loop_t *loop, char *err, size_t errlen) {
   w->loop = loop;
   sl_list_init(&w->endpoints);
   sl_list_init(&w->conns);
+  for (size_t i = 0; i < SL_ARRAY_SIZE(w->cache_fills); i++) sl_list_init(&w->cache_fills[i]);
   if (getrandom(w->rng, sizeof(w->rng), 0) != (ssize_t)sizeof(w->rng)) {
     w->rng[0] = (uint64_t)time(NULL) ^ (uint64_t)(uintptr_t)w;
     w->rng[1] = (uint64_t)clock() * 0x9E3779B97F4A7C15ull;
@@ -82,6 +84,7 @@ static void worker_free(sl_worker_t *w) {
   /* Endpoints still referenced by nobody close their idle connections here; they are freed
    * once their last upstream connection has closed. */
   lua_close(w->L);
+  sl_cache_free(w->cache);
   free(w);
 }
 

@@ -194,6 +194,8 @@ static int l_req_field(lua_State *L) {
     lua_pushstring(L, w->hook_request_id);
   } else if (strcmp(k, "body_length") == 0) {
     lua_pushnumber(L, (lua_Number)r->body.len);
+  } else if (strcmp(k, "body") == 0) {
+    lua_pushlstring(L, r->body.data ? r->body.data : "", r->body.len);
   } else {
     return 0;
   }
@@ -459,4 +461,43 @@ int sl_policy_record(sl_worker_t *w, sl_pool_t *pool, uint32_t idx, const sl_out
   }
   lua_settop(L, base);
   return rc;
+}
+
+int sl_policy_cache_key(sl_worker_t *w, int ref, const sl_http_req_t *req, const char *request_id,
+                        const char *policy, char **custom, size_t *custom_len, char *err,
+                        size_t errlen) {
+  lua_State *L = w->L;
+  int base = lua_gettop(L);
+  *custom = NULL;
+  *custom_len = 0;
+  w->hook_req = req;
+  w->hook_request_id = request_id;
+  w->hook_attempt = 0;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->lua_traceback);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->lua_req);
+  sl_lua_budget_reset();
+  int rc = lua_pcall(L, 1, 1, base + 1);
+  w->hook_req = NULL;
+  if (rc != 0) {
+    format_error(lua_tostring(L, -1) ? lua_tostring(L, -1) : "(error object is not a string)",
+                 err, errlen);
+    lua_settop(L, base);
+    return -1;
+  }
+  int t = lua_type(L, -1), result = 1;
+  if (t == LUA_TSTRING) {
+    size_t n = 0;
+    const char *s = lua_tolstring(L, -1, &n);
+    *custom = sl_strndup(s, n);
+    *custom_len = n;
+  } else if (t == LUA_TBOOLEAN) {
+    result = lua_toboolean(L, -1) ? 1 : 0;
+  } else if (t != LUA_TNIL) {
+    snprintf(err, errlen, "cache %s: key returned a %s, expected a string, true, false or nil",
+             policy, lua_typename(L, t));
+    result = -1;
+  }
+  lua_settop(L, base);
+  return result;
 }

@@ -72,4 +72,11 @@ typedef enum { SL_BREAKER_KEEP = 0, SL_BREAKER_OPEN, SL_BREAKER_CLOSE } sl_break
 int sl_policy_record(sl_worker_t *w, sl_pool_t *pool, uint32_t idx, const sl_outcome_t *o,
                      sl_breaker_action_t *action, double *open_ms, char *err, size_t errlen);
 
+/* Calls a route's cache policy key(req) (function ref `ref`). Returns 1 to cache (with
+ * *custom, malloc'd, set when the policy returned a key string), 0 when the policy vetoed
+ * caching (false), or -1 with err filled. */
+int sl_policy_cache_key(sl_worker_t *w, int ref, const struct sl_http_req *req,
+                        const char *request_id, const char *policy, char **custom,
+                        size_t *custom_len, char *err, size_t errlen);
+
 #endif

@@ -1,6 +1,7 @@
 #include "proxy.h"
 
 #include "admission.h"
+#include "cache_flow.h"
 #include "forward.h"
 #include "log.h"
 #include "policy.h"
@@ -23,6 +24,7 @@ void sl_proxy_init(sl_exchange_t *x, sl_conn_t *c) {
   memset(x, 0, sizeof(*x));
   x->conn = c;
   sl_list_init(&x->qlink);
+  sl_list_init(&x->cwait);
   uv_timer_init(c->w->loop, &x->timer);
   x->timer.data = x;
 }
@@ -87,6 +89,7 @@ static void mark_retrying(sl_exchange_t *x) {
 }
 
 static void end_exchange(sl_exchange_t *x) {
+  sl_cache_flow_end(x);
   uv_timer_stop(&x->timer);
   set_pool(x, NULL);
   x->retrying = false;
@@ -172,6 +175,7 @@ static void attempt_failed(sl_exchange_t *x, const sl_outcome_t *o, int64_t deci
     sl_upconn_close(x->up);
     x->up = NULL;
   }
+  sl_cache_flow_attempt_failed(x);
   const char *url = x->ep ? x->ep->url : "?";
   end_attempt(x, o);
   int64_t delay = decided_delay;
@@ -247,6 +251,9 @@ static void on_timer(uv_timer_t *t) {
   case SL_X_UPSTREAM:
     on_upstream_deadline(x);
     break;
+  case SL_X_COALESCED:
+    sl_cache_flow_wait_expired(x);
+    break;
   default:
     break;
   }
@@ -310,6 +317,7 @@ static void complete(sl_exchange_t *x) {
   end_attempt(x, &o);
   c->w->stats.responses[x->status / 100 < 6 ? x->status / 100 : 0]++;
   bool keep = c->req.keep_alive && !x->out_close;
+  sl_cache_flow_complete(x);
   end_exchange(x);
   sl_conn_response_done(c, keep);
 }
@@ -361,7 +369,6 @@ static void on_up_eof(sl_exchange_t *x, sl_upconn_t *u, ssize_t n) {
                  n == UV_EOF ? "EOF" : uv_strerror((int)n));
 }
 
-static const char *r_header(const sl_exchange_t *x, const char *name, size_t *len);
 
 /* The upstream answered the upgrade: switch both connections to the WebSocket session, or
  * treat a refusal like any failed attempt (retry, fallback, then a JSON error, never a 101
@@ -382,8 +389,8 @@ static void ws_handshake_done(sl_exchange_t *x, const char *data, ssize_t n) {
     return;
   }
   size_t acc_len = 0, proto_len = 0;
-  const char *acc = r_header(x, "sec-websocket-accept", &acc_len);
-  const char *proto = r_header(x, "sec-websocket-protocol", &proto_len);
+  const char *acc = sl_proxy_response_header(x, "sec-websocket-accept", &acc_len);
+  const char *proto = sl_proxy_response_header(x, "sec-websocket-protocol", &proto_len);
   char accept[29];
   memcpy(accept, acc, 28);
   accept[28] = 0;
@@ -522,7 +529,7 @@ static int r_value_complete(llhttp_t *p) {
 }
 
 /* Finds a response header value; NULL when absent. */
-static const char *r_header(const sl_exchange_t *x, const char *name, size_t *len) {
+const char *sl_proxy_response_header(const sl_exchange_t *x, const char *name, size_t *len) {
   for (uint32_t i = 0; i < x->nrhdr; i++) {
     const uint32_t *h = &x->rhdr[4 * i];
     if (sl_strieq(x->rstr.data + h[0], h[1], name)) {
@@ -548,7 +555,7 @@ static bool retry_on_status(sl_exchange_t *x, int status) {
   char note[160];
   sl_outcome_t o = outcome(x, "response", status);
   size_t len = 0;
-  const char *ra = r_header(x, "retry-after", &len);
+  const char *ra = sl_proxy_response_header(x, "retry-after", &len);
   double secs = parse_number(ra, len, -1);
   if (secs >= 0) o.retry_after_ms = (int64_t)(secs * 1000);
   if (!may_retry(x, &o, note, sizeof(note))) return false;
@@ -572,7 +579,7 @@ static int ws_handshake_head(sl_exchange_t *x, int status) {
   char want[29];
   sl_ws_accept_key(sl_http_req_str(r, r->headers[k].value_off), r->headers[k].value_len, want);
   size_t len = 0;
-  const char *acc = r_header(x, "sec-websocket-accept", &len);
+  const char *acc = sl_proxy_response_header(x, "sec-websocket-accept", &len);
   if (acc && len == 28 && memcmp(acc, want, 28) == 0)
     x->ws_ready = true;
   else
@@ -615,12 +622,22 @@ static int r_headers_complete(llhttp_t *p) {
   sl_buf_append(o, " ", 1);
   const char *reason = sl_http_status_reason(status);
   sl_buf_append2(o, reason, strlen(reason), "\r\n");
+  size_t head_start = o->len;
   for (uint32_t i = 0; i < x->nrhdr; i++) {
     const uint32_t *h = &x->rhdr[4 * i];
     const char *n = x->rstr.data + h[0];
     if (sl_forward_skip_response_header(n, h[1], conn_tokens, conn_len)) continue;
     sl_buf_append2(o, n, h[1], ": ");
     sl_buf_append2(o, x->rstr.data + h[2], h[3], "\r\n");
+  }
+  size_t head_end = o->len;
+  if (x->cache_result != SL_CACHE_NONE) {
+    /* The stored head is a copy: `o` may move as the cache appends its own lines. */
+    sl_buf_t head;
+    sl_buf_init(&head);
+    sl_buf_append(&head, o->data + head_start, head_end - head_start);
+    sl_cache_flow_head(x, status, head.data, head.len, !has_cl && !no_body, o);
+    sl_buf_free(&head);
   }
   x->out_chunked = x->out_close = false;
   if (has_cl && (!no_body || x->head_request)) {
@@ -648,6 +665,7 @@ static int r_headers_complete(llhttp_t *p) {
 
 static int r_body(llhttp_t *p, const char *at, size_t len) {
   sl_exchange_t *x = X(p);
+  if (x->centry) sl_cache_flow_body(x, at, len);
   if (x->out_chunked) {
     sl_buf_append_hex(&x->out, len);
     sl_buf_append(&x->out, "\r\n", 2);
@@ -853,6 +871,38 @@ void sl_proxy_start(sl_conn_t *c) {
   }
   x->ws_upgrade = ws == 1;
   x->ws_ready = x->ws_refused = x->ws_bad_accept = false;
-  set_pool(x, &x->gen->pools[route->pool_idx]);
+  x->route = route;
+  x->cache_result = SL_CACHE_NONE;
+  if (route->cache && !x->ws_upgrade) {
+    char err[512];
+    switch (sl_cache_flow_begin(x, route, (uint32_t)(route - x->gen->cfg->routes), err,
+                                sizeof(err))) {
+    case SL_FLOW_DONE:
+      return;
+    case SL_FLOW_WAIT:
+      uv_timer_start(&x->timer, on_timer, route->cache->coalesce_wait_ms, 0);
+      return;
+    case SL_FLOW_ERROR:
+      W(x)->stats.policy_errors++;
+      SL_ERROR("policy error (route %s cache policy): %s", route->path, err);
+      respond_error(x, 500, "policy_error", "the cache policy of route %s failed; see the gateway log",
+                    route->path);
+      return;
+    case SL_FLOW_UPSTREAM:
+      break;
+    }
+  }
+  sl_proxy_go_upstream(x);
+}
+
+void sl_proxy_go_upstream(sl_exchange_t *x) {
+  set_pool(x, &x->gen->pools[x->route->pool_idx]);
   dispatch(x);
+}
+
+void sl_proxy_finish_local(sl_exchange_t *x, int status, bool keep_alive) {
+  sl_conn_t *c = x->conn;
+  c->w->stats.responses[status / 100 < 6 ? status / 100 : 0]++;
+  end_exchange(x);
+  sl_conn_response_done(c, keep_alive);
 }

@@ -5,6 +5,7 @@
 #define SL_PROXY_H
 
 #include "buf.h"
+#include "cache.h"
 #include "worker.h"
 
 #include <llhttp.h>
@@ -20,6 +21,7 @@ typedef enum {
   SL_X_QUEUED,   /* waiting in the pool's admission queue */
   SL_X_BACKOFF,  /* waiting before a retry */
   SL_X_UPSTREAM, /* an attempt is connecting, sending or receiving */
+  SL_X_COALESCED, /* waiting for an identical request in flight (cache) */
 } sl_exchange_phase_t;
 
 typedef struct sl_exchange {
@@ -67,6 +69,16 @@ typedef struct sl_exchange {
   bool ws_refused;        /* the upstream answered the upgrade with another status */
   bool ws_bad_accept;     /* ... or with a wrong Sec-WebSocket-Accept */
   struct sl_ws *ws;       /* the session, once both sides switched protocols */
+  const sl_route_conf_t *route;
+  /* Cache (cache_flow.c) */
+  struct sl_cfill *cfill;  /* the fill this exchange leads, or waits for */
+  sl_list_t cwait;         /* in cfill->waiters */
+  sl_cache_entry_t *centry; /* the response being stored */
+  sl_cache_key_t ckey;
+  uint32_t cache_ttl_ms;
+  uint32_t cache_max_age_ms; /* the client's Cache-Control max-age, UINT32_MAX if none */
+  uint8_t cache_result;
+  bool cache_store;        /* the client allows storing the response */
   char request_id[129];
 } sl_exchange_t;
 
@@ -83,6 +95,12 @@ void sl_proxy_ws_end(sl_exchange_t *x, bool client_alive, bool upstream_ok);
 /* A slot may be free for a queued exchange. Returns false when x stays queued. */
 bool sl_proxy_offer_slot(sl_exchange_t *x);
 void sl_proxy_init(sl_exchange_t *x, struct sl_conn *c);
+/* Sends the request upstream through the route's pool (admission, balancer, retries). */
+void sl_proxy_go_upstream(sl_exchange_t *x);
+/* The exchange was answered without the upstream (the response is already written). */
+void sl_proxy_finish_local(sl_exchange_t *x, int status, bool keep_alive);
+/* A header of the upstream response being parsed; NULL when absent. */
+const char *sl_proxy_response_header(const sl_exchange_t *x, const char *name, size_t *len);
 /* Releases buffers (the exchange stays usable); the timer handle is closed by the
  * connection. */
 void sl_proxy_free(sl_exchange_t *x);

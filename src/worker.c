@@ -1,5 +1,6 @@
 #include "worker.h"
 
+#include "cache.h"
 #include "log.h"
 #include "policy.h"
 
@@ -40,6 +41,9 @@ static void free_pools(sl_gen_t *g) {
     luaL_unref(L, LUA_REGISTRYINDEX, p->lua_record);
   }
   free(g->pools);
+  for (uint32_t i = 0; g->route_cache_key && i < g->cfg->nroutes; i++)
+    luaL_unref(L, LUA_REGISTRYINDEX, g->route_cache_key[i]);
+  free(g->route_cache_key);
   luaL_unref(L, LUA_REGISTRYINDEX, g->lua_ctx);
 }
 
@@ -157,6 +161,26 @@ sl_gen_t *sl_gen_build(sl_worker_t *w, sl_config_t *cfg, char *err, size_t errle
     }
     if (build_pool_table(w, p, cfg_idx, err, errlen) != 0) goto fail;
   }
+  g->route_cache_key = sl_calloc(cfg->nroutes ? cfg->nroutes : 1, sizeof(int));
+  for (uint32_t i = 0; i < cfg->nroutes; i++) g->route_cache_key[i] = LUA_NOREF;
+  for (uint32_t i = 0; i < cfg->nroutes; i++) {
+    const sl_route_cache_conf_t *rc = cfg->routes[i].cache;
+    if (!rc || !rc->policy) continue;
+    char perr[1024], path[64];
+    snprintf(path, sizeof(path), "routes[%u].cache.policy", i + 1);
+    if (sl_policy_load(w, g, "cache", rc->policy, perr, sizeof(perr)) != 0) {
+      sl_config_error(L, cfg, path, perr, err, errlen);
+      goto fail;
+    }
+    lua_getfield(L, -1, "key");
+    if (!lua_isfunction(L, -1)) {
+      snprintf(perr, sizeof(perr), "cache policy %s does not define key(req)", rc->policy);
+      sl_config_error(L, cfg, path, perr, err, errlen);
+      goto fail;
+    }
+    g->route_cache_key[i] = luaL_ref(L, LUA_REGISTRYINDEX);
+    lua_pop(L, 1);
+  }
   lua_settop(L, top);
   return g;
 
@@ -172,6 +196,11 @@ fail:
  * endpoint listed by several pools is one upstream instance with one queue, so its settings
  * are merged: the tightest max_inflight, the most idle connections, the shortest idle time. */
 void sl_gen_activate(sl_gen_t *g) {
+  sl_worker_t *w = g->worker;
+  if (!w->cache)
+    w->cache = sl_cache_new(g->cfg->cache_max_bytes, g->cfg->cache_max_entry_bytes);
+  else
+    sl_cache_set_limits(w->cache, g->cfg->cache_max_bytes, g->cfg->cache_max_entry_bytes);
   for (uint32_t pass = 0; pass < 2; pass++) {
     for (uint32_t i = 0; i < g->cfg->npools; i++) {
       sl_pool_t *p = &g->pools[i];

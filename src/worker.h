@@ -37,6 +37,7 @@ typedef struct sl_gen {
   sl_pool_t *pools; /* cfg->npools entries */
   struct sl_worker *worker;
   int lua_ctx; /* registry ref: sandbox context (module cache) */
+  int *route_cache_key; /* per route: registry ref of its cache policy's key(), or LUA_NOREF */
 } sl_gen_t;
 
 typedef struct sl_worker_stats {
@@ -45,6 +46,7 @@ typedef struct sl_worker_stats {
   uint64_t reloads_ok, reloads_failed;
   uint64_t ws_sessions, ws_upstream_lost;
   uint64_t ws_messages[2], ws_bytes[2]; /* [0] client to upstream, [1] upstream to client */
+  uint64_t cache_hits, cache_misses, cache_coalesced, cache_bypass;
 } sl_worker_stats_t;
 
 typedef struct sl_worker {
@@ -75,6 +77,9 @@ typedef struct sl_worker {
   bool dispatch_pending;
   int lua_outcome; /* registry ref: reusable outcome table */
   int lua_hooks;   /* registry ref: runtime module (trampolines) */
+
+  struct sl_cache *cache;    /* response cache (cache.c), created with the first generation */
+  sl_list_t cache_fills[64]; /* cache misses in flight, by key, for coalescing */
 
   uint64_t rng[2];
   bool draining;

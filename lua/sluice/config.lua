@@ -182,7 +182,7 @@ local schema = record({
   access_log = bool(false),
   watch = bool(true),
   lua = record({ jit = bool(false), instruction_budget = int(1000, 2 ^ 40, 1000000) }),
-  cache = record({ max_bytes = int(0, 2 ^ 40, 64 * 1024 * 1024) }),
+  cache = record({ max_bytes = int(0, 2 ^ 40, 64 * 1024 * 1024), max_entry_bytes = int(0, 2 ^ 40, 0) }),
   limits = record({
     max_header_bytes = int(256, 1048576, 32768),
     max_headers = int(1, 10000, 100),
@@ -196,7 +196,18 @@ local schema = record({
     path = str(nil, "^/", "a path starting with /"),
     host = str(nil, "^[%w%.%-*:%[%]]+$", "a host name"),
     pool = str(nil, "^[%w_%-]+$", "a pool name"),
-    cache = record({ ttl_s = int(0, 31536000, 0) }, false),
+    cache = record({
+      ttl_s = int(1, 31536000, 60),
+      methods = array(enum({ "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS" }), { default = { "GET", "HEAD" } }),
+      statuses = array(int(100, 599), { default = { 200 } }),
+      key_headers = array(str(nil, "^[%w!#$%%&'*+.^_`|~-]+$", "a header name"), { default = {} }),
+      authorization = bool(true),
+      json = record({ canonical = bool(false), ignore = array(str(nil, nil, "a field name"), { default = {} }) }),
+      stream = bool(false),
+      coalesce = bool(true),
+      coalesce_wait_ms = int(1, 3600000, 30000),
+      policy = str(nil, policy_name, "a policy name"),
+    }, false),
   }), { default = {} }),
 })
 
