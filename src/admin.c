@@ -3,6 +3,8 @@
 #include "cache.h"
 #include "log.h"
 #include "server.h"
+#include "sluice.h"
+#include "telemetry.h"
 
 #include <stdio.h>
 
@@ -98,8 +100,160 @@ static void handle_cache(sl_conn_t *c) {
   sl_conn_send(c, 200, "application/json", body, (size_t)n, NULL, true);
 }
 
+static void handle_metrics(sl_conn_t *c) {
+  sl_buf_t out;
+  sl_buf_init(&out);
+  sl_metrics_t *regs[1] = {c->w->tm->reg};
+  sl_metrics_render(regs, 1, &out);
+  sl_conn_send(c, 200, "text/plain; version=0.0.4; charset=utf-8", out.data, out.len, NULL, true);
+  sl_buf_free(&out);
+}
+
+static const char *const STATE_NAMES[3] = {"closed", "open", "half_open"};
+
+static void json_str(sl_buf_t *b, const char *s) {
+  sl_buf_append(b, "\"", 1);
+  sl_buf_append_json_str(b, s, strlen(s));
+  sl_buf_append(b, "\"", 1);
+}
+
+/* GET /status: the live state an operator looks at during an incident. */
+static void handle_status(sl_conn_t *c) {
+  sl_worker_t *w = c->w;
+  const sl_gen_t *g = w->gen;
+  sl_buf_t b;
+  sl_buf_init(&b);
+  sl_buf_appendf(&b, "{\"version\":\"%s\",\"generation\":%llu,\"config\":", sluice_version(),
+                 (unsigned long long)g->id);
+  json_str(&b, g->cfg->file);
+  sl_buf_appendf(&b, ",\"connections\":%u,\"draining\":%s,\"pools\":[", w->nconns,
+                 w->draining ? "true" : "false");
+  for (uint32_t i = 0; i < g->cfg->npools; i++) {
+    const sl_pool_t *p = &g->pools[i];
+    if (i) sl_buf_append(&b, ",", 1);
+    sl_buf_appends(&b, "{\"name\":");
+    json_str(&b, p->conf->name);
+    sl_buf_appends(&b, ",\"balancer\":");
+    json_str(&b, p->conf->balancer);
+    sl_buf_appendf(&b, ",\"active\":%d,\"queued\":%d,\"retrying\":%d,\"ejected\":%d,"
+                       "\"queue_max\":%u,\"fallback\":",
+                   p->view.active, p->view.queued, p->view.retrying, p->view.ejected,
+                   p->conf->queue_max);
+    if (p->conf->fallback) json_str(&b, p->conf->fallback);
+    else sl_buf_appends(&b, "null");
+    sl_buf_appends(&b, ",\"endpoints\":[");
+    for (uint32_t j = 0; j < p->n; j++) {
+      const sl_endpoint_t *ep = p->eps[j];
+      const sl_ep_view_t *v = &ep->view;
+      if (j) sl_buf_append(&b, ",", 1);
+      sl_buf_appends(&b, "{\"url\":");
+      json_str(&b, ep->url);
+      sl_buf_appendf(&b, ",\"inflight\":%d,\"max_inflight\":%d,\"queued\":%d,\"weight\":%d,"
+                         "\"available\":%s,\"ewma_ms\":%.3f,\"reported_load\":%.3f,"
+                         "\"successes\":%lld,\"failures\":%lld,\"breaker\":\"%s\","
+                         "\"consecutive_failures\":%d,\"ejections\":%d,\"idle_connections\":%u}",
+                     v->inflight, v->max_inflight, v->queued, v->weight,
+                     v->available ? "true" : "false", v->ewma_ms, v->reported_load,
+                     (long long)v->successes, (long long)v->fails,
+                     v->state >= 0 && v->state < 3 ? STATE_NAMES[v->state] : "unknown",
+                     v->consecutive_fails, v->ejections, ep->nidle);
+    }
+    sl_buf_appends(&b, "]}");
+  }
+  sl_cache_stats_t st;
+  memset(&st, 0, sizeof(st));
+  if (w->cache) sl_cache_stats(w->cache, &st);
+  sl_buf_appendf(&b, "],\"cache\":{\"entries\":%llu,\"bytes\":%llu,\"max_bytes\":%llu,"
+                     "\"hits\":%llu,\"misses\":%llu,\"coalesced\":%llu,\"evictions\":%llu},"
+                     "\"websocket\":{\"sessions_total\":%llu,\"upstream_lost\":%llu},"
+                     "\"reloads\":{\"ok\":%llu,\"failed\":%llu},\"policy_errors\":%llu}\n",
+                 (unsigned long long)st.entries, (unsigned long long)st.bytes,
+                 (unsigned long long)st.max_bytes, (unsigned long long)w->stats.cache_hits,
+                 (unsigned long long)w->stats.cache_misses,
+                 (unsigned long long)w->stats.cache_coalesced, (unsigned long long)st.evictions,
+                 (unsigned long long)w->stats.ws_sessions,
+                 (unsigned long long)w->stats.ws_upstream_lost,
+                 (unsigned long long)w->stats.reloads_ok, (unsigned long long)w->stats.reloads_failed,
+                 (unsigned long long)w->stats.policy_errors);
+  sl_conn_send(c, 200, "application/json", b.data, b.len, NULL, true);
+  sl_buf_free(&b);
+}
+
+/* GET /readyz: 200 when a config is loaded, the gateway is not draining, and every pool has an
+ * endpoint that may take a request (breaker closed or half-open); 503 naming the pools that
+ * have none otherwise. */
+static void handle_readyz(sl_conn_t *c) {
+  sl_worker_t *w = c->w;
+  const sl_gen_t *g = w->gen;
+  sl_buf_t down;
+  sl_buf_init(&down);
+  for (uint32_t i = 0; g && i < g->cfg->npools; i++) {
+    const sl_pool_t *p = &g->pools[i];
+    bool ok = false;
+    for (uint32_t j = 0; j < p->n && !ok; j++) ok = sl_endpoint_breaker_allows(p->eps[j]);
+    if (!ok) {
+      if (down.len) sl_buf_appends(&down, ", ");
+      sl_buf_appends(&down, p->conf->name);
+    }
+  }
+  if (!g || w->draining || down.len) {
+    char msg[600];
+    snprintf(msg, sizeof(msg), "%s%.*s", !g ? "no config loaded" : w->draining ? "draining"
+                                         : "no endpoint available in pool(s): ",
+             g && !w->draining ? (int)SL_MIN(down.len, (size_t)500) : 0, down.data ? down.data : "");
+    sl_conn_send_error(c, 503, "not_ready", msg, NULL, true);
+  } else {
+    static const char ok[] = "{\"status\":\"ready\"}\n";
+    sl_conn_send(c, 200, "application/json", ok, sizeof(ok) - 1, NULL, true);
+  }
+  sl_buf_free(&down);
+}
+
+/* With admin.token set, every endpoint but the health probes needs Authorization: Bearer. */
+static bool authorized(sl_conn_t *c) {
+  const char *token = c->w->gen ? c->w->gen->cfg->admin_token : NULL;
+  if (!token) return true;
+  const sl_http_req_t *r = &c->req;
+  int i = sl_http_req_find(r, "authorization");
+  size_t tl = strlen(token);
+  if (i >= 0) {
+    const char *v = sl_http_req_str(r, r->headers[i].value_off);
+    size_t n = r->headers[i].value_len;
+    if (n == 7 + tl && sl_strieq(v, 7, "bearer ")) {
+      unsigned diff = 0; /* constant time */
+      for (size_t k = 0; k < tl; k++) diff |= (unsigned char)(v[7 + k] ^ token[k]);
+      if (!diff) return true;
+    }
+  }
+  sl_conn_send_error(c, 401, "unauthorized", "the admin API needs Authorization: Bearer <admin.token>",
+                     "WWW-Authenticate: Bearer\r\n", true);
+  return false;
+}
+
+static bool is_get(sl_conn_t *c, const char *path) {
+  const sl_http_req_t *r = &c->req;
+  if (r->method == HTTP_GET || r->method == HTTP_HEAD) return true;
+  char msg[64];
+  snprintf(msg, sizeof(msg), "use GET %s", path);
+  sl_conn_send_error(c, 405, "method_not_allowed", msg, "Allow: GET\r\n", true);
+  return false;
+}
+
 void sl_admin_handle(sl_conn_t *c) {
   const sl_http_req_t *r = &c->req;
+  if (path_is(r, "/readyz")) {
+    if (is_get(c, "/readyz")) handle_readyz(c);
+    return;
+  }
+  if (!path_is(r, "/healthz") && !authorized(c)) return;
+  if (path_is(r, "/metrics")) {
+    if (is_get(c, "/metrics")) handle_metrics(c);
+    return;
+  }
+  if (path_is(r, "/status")) {
+    if (is_get(c, "/status")) handle_status(c);
+    return;
+  }
   if (path_is(r, "/healthz")) {
     if (r->method != HTTP_GET && r->method != HTTP_HEAD) {
       sl_conn_send_error(c, 405, "method_not_allowed", "use GET /healthz", "Allow: GET\r\n", true);
@@ -130,5 +284,7 @@ void sl_admin_handle(sl_conn_t *c) {
     return;
   }
   sl_conn_send_error(c, 404, "not_found",
-                     "admin endpoints: GET /healthz, POST /reload, GET|DELETE /cache", NULL, true);
+                     "admin endpoints: GET /healthz, GET /readyz, GET /metrics, GET /status, "
+                     "POST /reload, GET|DELETE /cache",
+                     NULL, true);
 }

@@ -4,6 +4,7 @@
 #include <lauxlib.h>
 #include "log.h"
 #include "proxy.h"
+#include "telemetry.h"
 
 /* Breaker housekeeping before a pick: open endpoints whose time is up turn half-open. Returns
  * how many of the pool's endpoints are ejected. */
@@ -14,6 +15,7 @@ static uint32_t refresh_breakers(sl_worker_t *w, sl_pool_t *pool) {
     sl_endpoint_t *ep = pool->eps[i];
     if (ep->view.state == SL_EP_OPEN && now >= ep->open_until_ms) {
       ep->view.state = SL_EP_HALF_OPEN;
+      sl_telemetry_breaker(pool, i, SL_EP_HALF_OPEN);
       ep->probes = 0;
       sl_endpoint_update(ep);
       SL_INFO("breaker half-open: %s (probing)", ep->url);
@@ -87,11 +89,13 @@ bool sl_admission_take(sl_endpoint_t *ep) {
   return probe;
 }
 
-static void apply_breaker(sl_worker_t *w, sl_pool_t *pool, sl_endpoint_t *ep,
+static void apply_breaker(sl_worker_t *w, sl_pool_t *pool, uint32_t idx,
                           sl_breaker_action_t action, double open_ms) {
+  sl_endpoint_t *ep = pool->eps[idx];
   if (action == SL_BREAKER_OPEN) {
     if (ep->view.state != SL_EP_OPEN) {
       ep->view.ejections++;
+      sl_telemetry_breaker(pool, idx, SL_EP_OPEN);
       SL_WARN("breaker open: %s (pool %s) for %.0f ms, ejection %d", ep->url, pool->conf->name,
               open_ms, ep->view.ejections);
     }
@@ -100,6 +104,7 @@ static void apply_breaker(sl_worker_t *w, sl_pool_t *pool, sl_endpoint_t *ep,
     schedule_breaker_timer(w, ep->open_until_ms);
   } else if (action == SL_BREAKER_CLOSE && ep->view.state != SL_EP_CLOSED) {
     SL_INFO("breaker closed: %s (pool %s)", ep->url, pool->conf->name);
+    sl_telemetry_breaker(pool, idx, SL_EP_CLOSED);
     ep->view.state = SL_EP_CLOSED;
     ep->view.ejections = 0;
   }
@@ -123,9 +128,10 @@ void sl_admission_release(sl_worker_t *w, sl_pool_t *pool, uint32_t idx, bool pr
     double open_ms = 0;
     if (sl_policy_record(w, pool, idx, o, &action, &open_ms, err, sizeof(err)) != 0) {
       w->stats.policy_errors++;
+      sl_telemetry_policy_error(pool->m->policy_breaker);
       SL_ERROR("policy error (pool %s breaker): %s", pool->conf->name, err);
     } else {
-      apply_breaker(w, pool, ep, action, open_ms);
+      apply_breaker(w, pool, idx, action, open_ms);
     }
   }
   sl_endpoint_update(ep);

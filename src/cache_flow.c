@@ -5,6 +5,7 @@
 #include "log.h"
 #include "policy.h"
 #include "server.h"
+#include "telemetry.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -201,8 +202,15 @@ static void replay(sl_exchange_t *x, sl_cache_entry_t *e, uint8_t result) {
     sl_conn_write(c, h.data, h.len);
   }
   sl_buf_free(&h);
-  if (result == SL_CACHE_HIT) W(x)->stats.cache_hits++;
-  else W(x)->stats.cache_coalesced++;
+  sl_route_m_t *rm = sl_route_m(x->gen, x->route);
+  if (result == SL_CACHE_HIT) {
+    W(x)->stats.cache_hits++;
+    sl_m_inc(rm->cache_hits, 1);
+  } else {
+    W(x)->stats.cache_coalesced++;
+    sl_m_inc(rm->cache_coalesced, 1);
+  }
+  x->bytes_out += h.len + (x->head_request || no_body ? 0 : body_len);
   x->cache_result = result;
   sl_proxy_finish_local(x, status, keep);
 }
@@ -262,6 +270,7 @@ sl_cache_flow_t sl_cache_flow_begin(sl_exchange_t *x, const sl_route_conf_t *rou
     return SL_FLOW_WAIT;
   }
   w->stats.cache_misses++;
+  sl_m_inc(sl_route_m(x->gen, route)->cache_misses, 1);
   if (rc->coalesce) {
     f = sl_calloc(1, sizeof(*f));
     f->key = x->ckey;
@@ -387,6 +396,7 @@ static void release_waiters(sl_list_t *l) {
   while ((w = pop_waiter(l))) {
     w->cache_result = SL_CACHE_MISS;
     W(w)->stats.cache_misses++;
+    sl_m_inc(sl_route_m(w->gen, w->route)->cache_misses, 1);
     sl_proxy_go_upstream(w);
   }
 }
@@ -436,5 +446,6 @@ void sl_cache_flow_wait_expired(sl_exchange_t *x) {
   x->phase = SL_X_IDLE;
   x->cache_result = SL_CACHE_MISS;
   W(x)->stats.cache_misses++;
+  sl_m_inc(sl_route_m(x->gen, x->route)->cache_misses, 1);
   sl_proxy_go_upstream(x);
 }

@@ -316,7 +316,10 @@ static void extract(lua_State *L, int idx, sl_config_t *c) {
   lua_pop(L, 1);
 
   lua_getfield(L, idx, "admin");
-  if (lua_istable(L, -1)) read_listen(L, lua_gettop(L), &c->admin);
+  if (lua_istable(L, -1)) {
+    read_listen(L, lua_gettop(L), &c->admin);
+    c->admin_token = get_str(L, lua_gettop(L), "token");
+  }
   lua_pop(L, 1);
 
   c->workers = (uint32_t)get_int(L, idx, "workers");
@@ -332,7 +335,7 @@ static void extract(lua_State *L, int idx, sl_config_t *c) {
   char *lvl = get_str(L, idx, "log_level");
   c->log_level = sl_log_level_parse(lvl);
   free(lvl);
-  c->access_log = get_bool(L, idx, "access_log");
+  c->access_log = get_str(L, idx, "access_log");
   c->watch = get_bool(L, idx, "watch");
   t = push_sub(L, idx, "lua");
   c->lua_jit = get_bool(L, t, "jit");
@@ -429,6 +432,8 @@ void sl_config_free(sl_config_t *c) {
   for (uint32_t i = 0; i < c->nlisten; i++) free_listen(&c->listen[i]);
   free(c->listen);
   free_listen(&c->admin);
+  free(c->admin_token);
+  free(c->access_log);
   for (uint32_t i = 0; i < c->npools; i++) {
     sl_pool_conf_t *p = &c->pools[i];
     for (uint32_t j = 0; j < p->nendpoints; j++) {

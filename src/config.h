@@ -104,7 +104,8 @@ typedef struct sl_config {
   uint32_t workers;
   char *policies_dir; /* absolute or relative to cwd */
   int log_level;
-  bool access_log;
+  char *access_log; /* NULL = off, "-" = standard output, else a file path */
+  char *admin_token; /* bearer token the admin listener requires, or NULL */
   bool watch;                  /* reload on changes to the config file or policies */
   bool lua_jit;                /* compile policies (fast; runaway loops cannot be stopped) */
   uint64_t lua_budget;         /* instructions per call into a policy */

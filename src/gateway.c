@@ -2,8 +2,10 @@
 #include "sluice.h"
 
 #include "admin.h"
+#include "access_log.h"
 #include "admission.h"
 #include "cache.h"
+#include "telemetry.h"
 #include "config.h"
 #include "io.h"
 #include "log.h"
@@ -70,6 +72,7 @@ static sl_worker_t *worker_new(uv_loop_t *loop, char *err, size_t errlen) {
     free(w);
     return NULL;
   }
+  sl_telemetry_init(w);
   uv_timer_init(loop, &w->drain_timer);
   w->drain_timer.data = w;
   sl_admission_init(w);
@@ -84,6 +87,7 @@ static void worker_free(sl_worker_t *w) {
   /* Endpoints still referenced by nobody close their idle connections here; they are freed
    * once their last upstream connection has closed. */
   lua_close(w->L);
+  sl_telemetry_free(w);
   sl_cache_free(w->cache);
   free(w);
 }
@@ -97,8 +101,28 @@ int sluice_new(uv_loop_t *loop, sluice_t **out) {
 
 /* Builds a generation for cfg and makes it current. On failure the running generation stays
  * and the error is in s->error. */
+/* Opens, reopens or closes the access log as cfg says. Relative paths are relative to the
+ * config file's directory. */
+static int apply_access_log(sluice_t *s, sl_worker_t *w, const sl_config_t *cfg) {
+  char path[4096];
+  const char *want = cfg->access_log;
+  if (want && strcmp(want, "-") != 0 && want[0] != '/') {
+    snprintf(path, sizeof(path), "%s/%s", cfg->dir, want);
+    want = path;
+  }
+  const char *have = w->alog ? sl_access_log_path(w->alog) : NULL;
+  if ((!want && !have) || (want && have && strcmp(want, have) == 0)) return 0;
+  sl_access_log_t *n = NULL;
+  if (want && !(n = sl_access_log_open(w->loop, want, s->error, sizeof(s->error))))
+    return SLUICE_ECONFIG;
+  sl_access_log_close(w->alog);
+  w->alog = n;
+  return 0;
+}
+
 static int activate(sluice_t *s, sl_config_t *cfg) {
   sl_worker_t *w = s->worker;
+  if (apply_access_log(s, w, cfg) != 0) return SLUICE_ECONFIG;
   sl_gen_t *g = sl_gen_build(w, cfg, s->error, sizeof(s->error));
   if (!g) return SLUICE_EPOLICY;
   sl_gen_t *old = w->gen;
@@ -219,6 +243,8 @@ static void finish_stop(sl_worker_t *w) {
   for (sl_list_t *l = w->endpoints.next; l != &w->endpoints; l = l->next)
     sl_endpoint_close_idle(SL_CONTAINER_OF(l, sl_endpoint_t, link));
   sl_admission_close(w);
+  sl_access_log_close(w->alog);
+  w->alog = NULL;
   sl_close_handle((uv_handle_t *)&w->drain_timer, on_drain_timer_closed);
 }
 
@@ -265,6 +291,8 @@ void sluice_free(sluice_t *s) {
   }
   if (s->worker) {
     if (!s->started) {
+      sl_access_log_close(s->worker->alog);
+      s->worker->alog = NULL;
       sl_admission_close(s->worker);
       sl_close_handle((uv_handle_t *)&s->worker->drain_timer, NULL);
     }

@@ -7,6 +7,7 @@
 #include "policy.h"
 #include "route.h"
 #include "server.h"
+#include "telemetry.h"
 #include "upstream.h"
 #include "ws.h"
 
@@ -113,6 +114,7 @@ static void respond_error(sl_exchange_t *x, int status, const char *type, const 
   va_end(ap);
   sl_conn_t *c = x->conn;
   bool sent = x->head_sent;
+  sl_telemetry_request_done(x, sent ? x->status : status);
   end_exchange(x);
   SL_INFO("request %s: %s: %s", x->request_id, type, msg);
   if (sent) {
@@ -153,6 +155,7 @@ static int64_t ask_retry(sl_exchange_t *x, const sl_outcome_t *o) {
   if (sl_policy_decide(W(x), x->pool, &x->conn->req, x->request_id, x->attempts, o, &delay, err,
                        sizeof(err)) != 0) {
     W(x)->stats.policy_errors++;
+    sl_telemetry_policy_error(x->pool->m->policy_retry);
     SL_ERROR("policy error (pool %s retry): %s", x->pool->conf->name, err);
     return -1;
   }
@@ -222,6 +225,7 @@ static void arm_deadline(sl_exchange_t *x) {
 static void on_upstream_deadline(sl_exchange_t *x) {
   sl_worker_t *w = W(x);
   w->stats.upstream_timeouts++;
+  if (x->ep) sl_m_inc(x->pool->m->eps[x->ep_idx].timeouts, 1);
   const sl_pool_conf_t *pc = x->pool->conf;
   uint64_t now = sl_worker_now(w);
   const char *url = x->ep ? x->ep->url : "upstream";
@@ -235,12 +239,21 @@ static void on_upstream_deadline(sl_exchange_t *x) {
                  (unsigned)(now - x->attempt_ms));
 }
 
+/* The first time a request leaves the admission queue (admitted or timed out). */
+static void observe_queue_wait(sl_exchange_t *x) {
+  if (x->queue_wait_ms >= 0) return;
+  x->queue_wait_ms = (int32_t)(sl_worker_now(W(x)) - x->queued_ms);
+  sl_m_observe(x->pool->m->queue_wait, (double)x->queue_wait_ms / 1000.0);
+}
+
 static void on_timer(uv_timer_t *t) {
   sl_exchange_t *x = t->data;
   if (!x->active) return;
   switch (x->phase) {
   case SL_X_QUEUED:
     sl_admission_dequeue(x->pool, x);
+    observe_queue_wait(x);
+    sl_m_inc(x->pool->m->queue_timeouts, 1);
     respond_error(x, 503, "queue_timeout",
                   "no endpoint of pool %s became free within %u ms (queue wait timeout)",
                   x->pool->conf->name, x->pool->conf->queue_timeout_ms);
@@ -289,6 +302,7 @@ static void on_up_connected(void *ctx, sl_upconn_t *u, int status) {
   }
   x->up = NULL; /* already closing */
   W(x)->stats.upstream_connect_errors++;
+  sl_m_inc(x->pool->m->eps[x->ep_idx].connect_errors, 1);
   if (status == UV_ETIMEDOUT) {
     sl_outcome_t o = outcome(x, "connect_timeout", 0);
     attempt_failed(x, &o, -2, 504, "upstream_connect_timeout",
@@ -303,6 +317,7 @@ static void on_up_connected(void *ctx, sl_upconn_t *u, int status) {
 
 static void flush_out(sl_exchange_t *x) {
   if (!x->out.len) return;
+  x->bytes_out += x->out.len;
   sl_conn_write(x->conn, x->out.data, x->out.len);
   x->out.len = 0;
 }
@@ -317,6 +332,7 @@ static void complete(sl_exchange_t *x) {
   end_attempt(x, &o);
   c->w->stats.responses[x->status / 100 < 6 ? x->status / 100 : 0]++;
   bool keep = c->req.keep_alive && !x->out_close;
+  sl_telemetry_request_done(x, x->status);
   sl_cache_flow_complete(x);
   end_exchange(x);
   sl_conn_response_done(c, keep);
@@ -400,7 +416,12 @@ static void ws_handshake_done(sl_exchange_t *x, const char *data, ssize_t n) {
   x->head_sent = true;      /* from here on, failures close the session instead */
   sl_conn_t *c = x->conn;
   c->state = SL_CONN_WS;
+  sl_route_m_t *rm = sl_route_m(x->gen, x->route);
+  sl_telemetry_count(x, 101);
+  if (rm->ws_total) sl_m_inc(rm->ws_total, 1);
+  if (rm->ws_open) sl_m_inc(rm->ws_open, 1);
   if (sl_ws_start(x, accept, proto, proto ? proto_len : 0, pos, early) != 0) {
+    if (rm->ws_open) sl_m_inc(rm->ws_open, -1);
     c->state = SL_CONN_BUSY;
     sl_outcome_t o = outcome(x, "reset", 0);
     attempt_failed(x, &o, -1, 502, "upstream_handshake_failed", "could not start the session");
@@ -417,6 +438,9 @@ void sl_proxy_ws_end(sl_exchange_t *x, bool client_alive, bool upstream_ok) {
   }
   sl_outcome_t o = outcome(x, upstream_ok ? "response" : "reset", upstream_ok ? 101 : 0);
   end_attempt(x, &o);
+  sl_telemetry_log(x, 101);
+  sl_route_m_t *rm = sl_route_m(x->gen, x->route);
+  if (rm->ws_open) sl_m_inc(rm->ws_open, -1);
   end_exchange(x);
   sl_ws_free(ws); /* deferred while the session's own callbacks run */
   if (client_alive) {
@@ -437,6 +461,8 @@ static void on_up_read(void *ctx, sl_upconn_t *u, const char *data, ssize_t n) {
     x->got_bytes = true;
     x->first_byte_ms = sl_worker_now(W(x));
     sl_endpoint_record_ttfb(x->ep, (double)(x->first_byte_ms - x->attempt_ms));
+    x->ttfb_ms = (int32_t)(x->first_byte_ms - x->attempt_ms);
+    sl_m_observe(x->pool->m->eps[x->ep_idx].ttfb, (double)x->ttfb_ms / 1000.0);
     arm_deadline(x);
   }
   llhttp_errno_t e = llhttp_execute(&x->rp, data, (size_t)n);
@@ -702,6 +728,11 @@ static const llhttp_settings_t resp_settings = {
 static void start_attempt(sl_exchange_t *x, sl_endpoint_t *ep, uint32_t idx) {
   sl_worker_t *w = W(x);
   x->attempts++;
+  if (x->attempts > 1) sl_m_inc(x->pool->m->retries, 1);
+  if (x->queue_wait_ms < 0) { /* admitted without queueing */
+    x->queue_wait_ms = 0;
+    sl_m_observe(x->pool->m->queue_wait, 0);
+  }
   if (x->ntried < SL_MAX_TRIED) x->tried[x->ntried++] = ep;
   x->ep = ep;
   x->ep_idx = idx;
@@ -720,6 +751,7 @@ static void start_attempt(sl_exchange_t *x, sl_endpoint_t *ep, uint32_t idx) {
   x->up = sl_upconn_acquire(ep, x->pool->conf->connect_timeout_ms, &up_ops, x, &uerr);
   if (!x->up) {
     w->stats.upstream_connect_errors++;
+    sl_m_inc(x->pool->m->eps[idx].connect_errors, 1);
     sl_outcome_t o = outcome(x, "connect_error", 0);
     attempt_failed(x, &o, -2, 502, "upstream_connect_failed", "connecting to %s failed: %s",
                    ep->url, uv_strerror(uerr));
@@ -738,6 +770,7 @@ static void fallback_or_fail(sl_exchange_t *x) {
     SL_INFO("request %s: every endpoint of pool %s is ejected; using fallback pool %s",
             x->request_id, x->pool->conf->name, fb->conf->name);
     x->fell_back = true;
+    sl_m_inc(x->pool->m->fallbacks, 1);
     set_pool(x, fb);
     x->ntried = 0;
     dispatch(x);
@@ -765,6 +798,7 @@ static void act(sl_exchange_t *x, sl_pick_result_t r, sl_endpoint_t *ep, uint32_
     break;
   default:
     W(x)->stats.policy_errors++;
+    sl_telemetry_policy_error(x->pool->m->policy_balancer);
     SL_ERROR("policy error (pool %s balancer): %s", x->pool->conf->name, err);
     respond_error(x, 500, "policy_error", "the balancer of pool %s failed; see the gateway log",
                   x->pool->conf->name);
@@ -775,16 +809,19 @@ static void act(sl_exchange_t *x, sl_pick_result_t r, sl_endpoint_t *ep, uint32_
 static void enqueue(sl_exchange_t *x) {
   const sl_pool_conf_t *pc = x->pool->conf;
   if (pc->queue_max == 0) {
+    sl_m_inc(x->pool->m->queue_rejections, 1);
     respond_error(x, 503, "no_endpoint_available",
                   "no endpoint of pool %s can take the request now", pc->name);
     return;
   }
   if (!sl_admission_enqueue(W(x), x->pool, x)) {
+    sl_m_inc(x->pool->m->queue_rejections, 1);
     respond_error(x, 503, "queue_full", "every endpoint of pool %s is busy and %u requests wait",
                   pc->name, pc->queue_max);
     return;
   }
   x->phase = SL_X_QUEUED;
+  if (x->queue_wait_ms < 0) x->queued_ms = sl_worker_now(W(x));
   uv_timer_start(&x->timer, on_timer, pc->queue_timeout_ms, 0);
 }
 
@@ -815,12 +852,20 @@ bool sl_proxy_offer_slot(sl_exchange_t *x) {
   sl_admission_dequeue(x->pool, x);
   uv_timer_stop(&x->timer);
   x->phase = SL_X_IDLE;
+  observe_queue_wait(x);
   act(x, r, ep, idx, err);
   return true;
 }
 
 void sl_proxy_abort(sl_exchange_t *x) {
   if (!x->active) return;
+  if (x->ws) { /* the session's line; it was counted at its 101 */
+    sl_telemetry_log(x, 101);
+    sl_route_m_t *rm = sl_route_m(x->gen, x->route);
+    if (rm->ws_open) sl_m_inc(rm->ws_open, -1);
+  } else {
+    sl_telemetry_request_done(x, 499); /* the client went away first (nginx's 499) */
+  }
   if (x->ws) {
     sl_ws_free(x->ws);
     x->ws = NULL;
@@ -845,6 +890,12 @@ void sl_proxy_start(sl_conn_t *c) {
   x->ntried = 0;
   x->head_sent = x->up_paused = x->fell_back = x->retrying = false;
   x->head_request = r->method == HTTP_HEAD;
+  x->start_ns = uv_hrtime();
+  x->queue_wait_ms = x->ttfb_ms = -1;
+  x->bytes_out = 0;
+  x->route = NULL;
+  x->cache_result = SL_CACHE_NONE;
+  x->ws_upgrade = false;
   sl_conn_request_id(c);
 
   const char *host = NULL;
@@ -884,6 +935,7 @@ void sl_proxy_start(sl_conn_t *c) {
       return;
     case SL_FLOW_ERROR:
       W(x)->stats.policy_errors++;
+      sl_telemetry_policy_error(sl_route_m(x->gen, route)->policy_cache);
       SL_ERROR("policy error (route %s cache policy): %s", route->path, err);
       respond_error(x, 500, "policy_error", "the cache policy of route %s failed; see the gateway log",
                     route->path);
@@ -903,6 +955,7 @@ void sl_proxy_go_upstream(sl_exchange_t *x) {
 void sl_proxy_finish_local(sl_exchange_t *x, int status, bool keep_alive) {
   sl_conn_t *c = x->conn;
   c->w->stats.responses[status / 100 < 6 ? status / 100 : 0]++;
+  sl_telemetry_request_done(x, status);
   end_exchange(x);
   sl_conn_response_done(c, keep_alive);
 }

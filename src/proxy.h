@@ -42,6 +42,11 @@ typedef struct sl_exchange {
   sl_endpoint_t *tried[SL_MAX_TRIED];
   uint32_t ntried;
   uint64_t start_ms, attempt_ms, first_byte_ms;
+  uint64_t start_ns;       /* uv_hrtime() when the exchange started (duration histogram) */
+  uint64_t queued_ms;      /* when it entered the admission queue */
+  uint64_t bytes_out;      /* response bytes relayed to the client (access log) */
+  int32_t queue_wait_ms;   /* -1 until the first admission decision */
+  int32_t ttfb_ms;         /* of the last attempt, -1 when none */
   int64_t retry_delay_ms; /* set when a response status asked for a retry */
   uint16_t status;
   uint8_t phase;

@@ -4,6 +4,7 @@
 #include "ws.h"
 #include "io.h"
 #include "log.h"
+#include "telemetry.h"
 
 #include <arpa/inet.h>
 #include <stdio.h>
@@ -93,6 +94,7 @@ static void on_timer(uv_timer_t *t) {
   sl_conn_t *c = t->data;
   switch (c->state) {
   case SL_CONN_READING:
+    if (!c->admin) sl_telemetry_request_rejected(c->w, 408);
     sl_conn_send_error(c, 408, "request_timeout", "request not received in time", NULL, false);
     break;
   case SL_CONN_IDLE:
@@ -209,6 +211,7 @@ static void conn_process(sl_conn_t *c) {
     if (ev == SL_H1_ERROR) {
       SL_DEBUG("client %s: bad request: %s", c->peer, c->req.err_msg);
       off = c->in.len;
+      if (!c->admin) sl_telemetry_request_rejected(c->w, c->req.err_status);
       sl_conn_send_error(c, c->req.err_status, c->req.err_status == 400 ? "bad_request"
                          : c->req.err_status == 413 ? "request_too_large"
                          : c->req.err_status == 431 ? "headers_too_large"

@@ -3,6 +3,7 @@
 #include "cache.h"
 #include "log.h"
 #include "policy.h"
+#include "telemetry.h"
 
 #include <lauxlib.h>
 #include <stdio.h>
@@ -30,6 +31,7 @@ void sl_worker_request_id(sl_worker_t *w, char out[33]) {
 
 static void free_pools(sl_gen_t *g) {
   lua_State *L = g->worker->L;
+  sl_telemetry_gen_free(g);
   for (uint32_t i = 0; g->pools && i < g->cfg->npools; i++) {
     sl_pool_t *p = &g->pools[i];
     for (uint32_t j = 0; j < p->n; j++)
@@ -182,6 +184,7 @@ sl_gen_t *sl_gen_build(sl_worker_t *w, sl_config_t *cfg, char *err, size_t errle
     lua_pop(L, 1);
   }
   lua_settop(L, top);
+  sl_telemetry_gen_build(g);
   return g;
 
 fail:

@@ -26,6 +26,7 @@ typedef struct sl_pool {
   int lua_pick;        /* registry ref: balancer.pick */
   int lua_decide;      /* registry ref: retry.decide, or LUA_NOREF */
   int lua_record;      /* registry ref: breaker.record, or LUA_NOREF */
+  struct sl_pool_m *m; /* metric series (telemetry.h) */
 } sl_pool_t;
 
 /* A generation: a config and the policies loaded for it. Requests hold a reference so they
@@ -38,6 +39,7 @@ typedef struct sl_gen {
   struct sl_worker *worker;
   int lua_ctx; /* registry ref: sandbox context (module cache) */
   int *route_cache_key; /* per route: registry ref of its cache policy's key(), or LUA_NOREF */
+  struct sl_route_m *route_m; /* per route: metric series (telemetry.h) */
 } sl_gen_t;
 
 typedef struct sl_worker_stats {
@@ -79,6 +81,8 @@ typedef struct sl_worker {
   int lua_hooks;   /* registry ref: runtime module (trampolines) */
 
   struct sl_cache *cache;    /* response cache (cache.c), created with the first generation */
+  struct sl_telemetry *tm;   /* metrics registry and families (telemetry.c) */
+  struct sl_access_log *alog; /* access log writer, or NULL when off */
   sl_list_t cache_fills[64]; /* cache misses in flight, by key, for coalescing */
 
   uint64_t rng[2];

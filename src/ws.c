@@ -3,6 +3,7 @@
 #include "log.h"
 #include "proxy.h"
 #include "server.h"
+#include "telemetry.h"
 #include "upstream.h"
 #include "ws_frame.h"
 
@@ -212,7 +213,11 @@ static void data_frame_done(sl_ws_t *ws, int s, batch_t *b) {
   ws_in_t *in = &ws->in[s];
   int o = 1 - s;
   if (in->drop) return;
-  if (in->fin) ws->x->conn->w->stats.ws_messages[s]++;
+  if (in->fin) {
+    ws->x->conn->w->stats.ws_messages[s]++;
+    sl_mseries_t *m = ws->x->pool->m->ws_messages[s];
+    if (m) sl_m_inc(m, 1);
+  }
   if (ws->out[o].close_pending) {
     flush(ws, o, b);
     send_close_now(ws, o);
@@ -265,6 +270,7 @@ static void feed(sl_ws_t *ws, int s, const uint8_t *p, size_t n) {
   ws->last_activity_ms = sl_worker_now(ws->x->conn->w);
   if (in->failed || in->close_rcvd) return;
   ws->x->conn->w->stats.ws_bytes[s] += n;
+  if (ws->x->pool->m->ws_bytes[s]) sl_m_inc(ws->x->pool->m->ws_bytes[s], (double)n);
 
   while (i < n && !in->failed && !in->close_rcvd && !ws->dead) {
     if (in->left) { /* payload of a data frame */
@@ -484,7 +490,10 @@ static void on_session_timer(uv_timer_t *t) {
 static void leg_lost(sl_ws_t *ws, int s) {
   ws->out[s].lost = true;
   if (s == UPSTREAM) {
-    if (!ws->in[UPSTREAM].close_rcvd) ws->x->conn->w->stats.ws_upstream_lost++;
+    if (!ws->in[UPSTREAM].close_rcvd) {
+      ws->x->conn->w->stats.ws_upstream_lost++;
+      if (ws->x->pool->m->ws_lost) sl_m_inc(ws->x->pool->m->ws_lost, 1);
+    }
     queue_close(ws, CLIENT, 1011, "upstream connection lost");
   } else {
     queue_close(ws, UPSTREAM, 1001, "client went away");

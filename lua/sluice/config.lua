@@ -175,11 +175,29 @@ local schema = record({
     for i, item in ipairs(v) do out[i] = listen_spec(item, join(path, i)) end
     return out
   end, { "127.0.0.1:8080" }),
-  admin = custom(hostport_spec, "127.0.0.1:9901"),
+  admin = custom(function(v, path)
+    if type(v) ~= "table" then return hostport_spec(v, path) end
+    for k in pairs(v) do
+      if k ~= "addr" and k ~= "token" then fail(join(path, tostring(k)), "unknown key (expected addr or token)") end
+    end
+    local out = hostport_spec(v.addr == nil and "127.0.0.1:9901" or v.addr, join(path, "addr"))
+    if v.token ~= nil then
+      if type(v.token) ~= "string" or #v.token < 16 then
+        fail(join(path, "token"), "expected a string of at least 16 characters, got " .. describe(v.token))
+      end
+      out.token = v.token
+    end
+    return out
+  end, "127.0.0.1:9901"),
   workers = int(0, 256, 1),
   policies = str("policies"),
   log_level = enum({ "error", "warn", "info", "debug" }, "info"),
-  access_log = bool(false),
+  access_log = custom(function(v, path)
+    if v == true then return "-" end
+    if v == false then return false end
+    if type(v) ~= "string" or v == "" then fail(path, "expected true, false or a file path, got " .. describe(v)) end
+    return v
+  end, false),
   watch = bool(true),
   lua = record({ jit = bool(false), instruction_budget = int(1000, 2 ^ 40, 1000000) }),
   cache = record({ max_bytes = int(0, 2 ^ 40, 64 * 1024 * 1024), max_entry_bytes = int(0, 2 ^ 40, 0) }),
