@@ -1,5 +1,7 @@
 #include "policy.h"
 
+#include "telemetry.h"
+
 #include "http1.h"
 #include "log.h"
 
@@ -213,6 +215,77 @@ static int l_req_header(lua_State *L) {
   return 1;
 }
 
+/* sluice.metrics primitives (wrapped by lua/sluice/metrics.lua). */
+static int l_metric_family(lua_State *L) {
+  sl_worker_t *w = upworker(L);
+  const char *kind = luaL_checkstring(L, 1);
+  const char *name = luaL_checkstring(L, 2);
+  const char *help = luaL_optstring(L, 3, "");
+  if (!sl_metrics_valid_name(name)) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "invalid metric name %s (expected [a-zA-Z_][a-zA-Z0-9_]*)", name);
+    return 2;
+  }
+  const char *labels[16];
+  double buckets[SL_M_MAX_BUCKETS];
+  size_t nl = lua_istable(L, 4) ? lua_objlen(L, 4) : 0, nb = 0;
+  if (nl > SL_ARRAY_SIZE(labels)) return luaL_error(L, "metric %s: at most 16 labels", name);
+  for (size_t i = 0; i < nl; i++) {
+    lua_rawgeti(L, 4, (int)i + 1);
+    labels[i] = lua_tostring(L, -1);
+    lua_pop(L, 1); /* the string stays referenced by the table */
+    if (!labels[i]) return luaL_error(L, "metric %s: label names must be strings", name);
+  }
+  if (lua_istable(L, 5)) {
+    nb = lua_objlen(L, 5);
+    if (nb > SL_M_MAX_BUCKETS) return luaL_error(L, "metric %s: at most 64 buckets", name);
+    for (size_t i = 0; i < nb; i++) {
+      lua_rawgeti(L, 5, (int)i + 1);
+      buckets[i] = lua_tonumber(L, -1);
+      lua_pop(L, 1);
+    }
+  }
+  sl_metric_type_t type = !strcmp(kind, "counter") ? SL_M_COUNTER
+                          : !strcmp(kind, "gauge") ? SL_M_GAUGE : SL_M_HISTOGRAM;
+  char full[256], err[256];
+  snprintf(full, sizeof(full), "sluice_policy_%s", name);
+  sl_mfamily_t *f = sl_metrics_family(w->tm->reg, full, help, type, labels, nl,
+                                      nb ? buckets : NULL, nb, err, sizeof(err));
+  if (!f) {
+    lua_pushnil(L);
+    lua_pushstring(L, err);
+    return 2;
+  }
+  lua_pushlightuserdata(L, f);
+  return 1;
+}
+
+static int l_metric_series(lua_State *L) {
+  sl_mfamily_t *f = lua_touserdata(L, 1);
+  int n = lua_gettop(L) - 1;
+  const char *values[16];
+  if (!f || n > 16) return luaL_error(L, "bad metric handle");
+  for (int i = 0; i < n; i++) {
+    values[i] = lua_tostring(L, i + 2);
+    if (!values[i]) return luaL_error(L, "label values must be strings or numbers");
+  }
+  sl_mseries_t *s = sl_mfamily_series(f, values);
+  if (!s) return 0;
+  lua_pushlightuserdata(L, s);
+  return 1;
+}
+
+static int l_metric_update(lua_State *L) {
+  sl_mseries_t *s = lua_touserdata(L, 1);
+  int op = (int)luaL_checkinteger(L, 2);
+  double v = luaL_checknumber(L, 3);
+  if (!s) return luaL_error(L, "bad metric handle");
+  if (op == 0) sl_mseries_inc(s, v);
+  else if (op == 1) sl_mseries_set(s, v);
+  else if (sl_mseries_type(s) == SL_M_HISTOGRAM) sl_mseries_observe(s, v);
+  return 0;
+}
+
 static const luaL_Reg sluice_fns[] = {
     {"now_ms", l_now_ms}, {"random", l_random}, {"hash", l_hash}, {"log", l_log}, {NULL, NULL}};
 
@@ -244,6 +317,13 @@ int sl_policy_init(sl_worker_t *w, char *err, size_t errlen) {
   lua_setfield(L, -2, "shared"); /* per-worker table policies may share state through */
   lua_pushstring(L, SLUICE_VERSION);
   lua_setfield(L, -2, "version");
+  int mod = lua_gettop(L);
+  lua_pushlightuserdata(L, w);
+  lua_pushcclosure(L, l_metric_family, 1);
+  lua_pushcfunction(L, l_metric_series);
+  lua_pushcfunction(L, l_metric_update);
+  if (call_module(L, "sluice.metrics", "new", 3, 1, err, errlen) != 0) return -1;
+  lua_setfield(L, mod, "metrics");
   lua_setfield(L, LUA_REGISTRYINDEX, "sluice.module");
 
   /* The FFI struct layout must match the C one exactly. */
