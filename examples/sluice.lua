@@ -5,7 +5,8 @@ return {
   workers = 1,
   policies = "../policies", -- relative to this file
   log_level = "info",
-  admin = "127.0.0.1:9901", -- GET /healthz, POST /reload (loopback only)
+  admin = "127.0.0.1:9901", -- /healthz /readyz /metrics /status /reload /cache (loopback only)
+  cache = { max_bytes = 64 * 1024 * 1024 },
   watch = true,             -- saving this file or a policy reloads it
 
   limits = {
@@ -39,7 +40,10 @@ return {
   },
 
   routes = {
-    { path = "/v1/chat/completions", pool = "llm" },
+    -- identical prompts (same model and parameters, any key order, any "user") are answered
+    -- from the cache for 60 s; streamed answers are replayed as streams
+    { path = "/v1/chat/completions", pool = "llm",
+      cache = { ttl_s = 60, methods = { "POST" }, json = { canonical = true, ignore = { "user" } }, stream = true } },
     { path = "/v1/listen", pool = "stt" },
     { path = "/v1/audio/speech", pool = "tts" },
     { path = "/echo", pool = "llm" },

@@ -39,6 +39,9 @@ Try:
   # the same, streamed as server-sent events, relayed event by event
   curl -N http://127.0.0.1:8080/v1/chat/completions -d '{"model":"mock","stream":true}'
 
+  # ask the same again (keys in another order): answered from the cache (x-cache: HIT, age)
+  curl -si http://127.0.0.1:8080/v1/chat/completions -d '{"messages":[],"model":"mock"}' | grep -i '^x-cache\|^age'
+
   # what the upstream received (X-Forwarded-*, X-Request-Id added; hop-by-hop removed)
   curl -s http://127.0.0.1:8080/echo -H 'x-request-id: demo-123'
 
@@ -60,6 +63,12 @@ Try:
   asyncio.run(main())'
 
   # load: wrk -t1 -c50 -d5s http://127.0.0.1:8080/echo
+
+  # what the operators see: Prometheus metrics, live status, readiness, cache stats
+  curl -s http://127.0.0.1:9901/metrics | grep -v '^#' | grep -e requests_total -e endpoint_inflight
+  curl -s http://127.0.0.1:9901/status
+  curl -s http://127.0.0.1:9901/readyz
+  curl -s http://127.0.0.1:9901/cache
 
 Live changes: save examples/sluice.lua or a file under policies/ and sluice reloads it (a
 broken edit is reported and the running version stays), or:

@@ -76,15 +76,6 @@ static const char *req_header(const sl_http_req_t *r, const char *name, size_t *
   return sl_http_req_str(r, r->headers[i].value_off);
 }
 
-static bool is_json(const sl_http_req_t *r) {
-  size_t n = 0;
-  const char *ct = req_header(r, "content-type", &n);
-  if (!ct) return false;
-  for (size_t i = 0; i + 4 <= n; i++)
-    if (sl_strieq(ct + i, 4, "json")) return true;
-  return false;
-}
-
 /* Asks the route's cache policy: 1 = cache (with *custom, malloc'd, as the request part of the
  * key when the policy returned a string), 0 = do not cache, -1 = the policy failed. */
 static int ask_policy(sl_exchange_t *x, uint32_t route_idx, char **custom, size_t *custom_len,
@@ -117,7 +108,7 @@ static void build_key(sl_exchange_t *x, const char *custom, size_t custom_len) {
     sl_cache_keyb_add(&kb, "target", sl_http_req_url(r), r->url_len);
     sl_buf_t canon;
     sl_buf_init(&canon);
-    if (rc->json_canonical && r->body.len && is_json(r) &&
+    if (rc->json_canonical && r->body.len &&
         sl_json_canon(r->body.data, r->body.len, (const char *const *)rc->json_ignore,
                       rc->njson_ignore, &canon) == 0)
       sl_cache_keyb_add(&kb, "json", canon.data, canon.len);
