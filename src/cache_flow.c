@@ -11,6 +11,7 @@
 #include <stdlib.h>
 
 #define FLAG_CHUNKED 1u /* the body was streamed: replay it chunk by chunk */
+#define AGE_SHIFT 1     /* the upstream's Age (seconds) is kept in the flags above bit 0 */
 
 /* A miss in flight that identical requests wait for. Owned by its leader exchange. */
 typedef struct sl_cfill {
@@ -160,7 +161,8 @@ static void replay(sl_exchange_t *x, sl_cache_entry_t *e, uint8_t result) {
     }
   }
   sl_buf_appends(&h, result == SL_CACHE_HIT ? "x-cache: HIT\r\nage: " : "x-cache: COALESCED\r\nage: ");
-  sl_buf_append_u64(&h, sl_cache_entry_age_ms(e, now) / 1000);
+  /* RFC 9111 4.2.3: the age the upstream reported plus the time spent here */
+  sl_buf_append_u64(&h, (sl_cache_entry_flags(e) >> AGE_SHIFT) + sl_cache_entry_age_ms(e, now) / 1000);
   sl_buf_appends(&h, "\r\nx-request-id: ");
   sl_buf_append2(&h, x->request_id, strlen(x->request_id), "\r\n");
   if (!keep) sl_buf_appends(&h, "Connection: close\r\n");
@@ -228,6 +230,9 @@ sl_cache_flow_t sl_cache_flow_begin(sl_exchange_t *x, const sl_route_conf_t *rou
     w->stats.cache_bypass++;
     return SL_FLOW_UPSTREAM;
   }
+  /* max-age=0 asks for a fresh response; with a millisecond clock an entry stored in the same
+   * loop turn would otherwise look 0 ms old and qualify. */
+  if (cc.max_age_ms == 0) cc.no_cache = true;
 
   char *custom = NULL;
   size_t custom_len = 0;
@@ -337,8 +342,27 @@ void sl_cache_flow_head(sl_exchange_t *x, int status, const char *head, size_t l
   }
   x->cache_ttl_ms = ttl;
   x->centry = sl_cache_entry_new(W(x)->cache, &x->ckey, x->route->path);
-  sl_cache_entry_set_head(x->centry, (uint16_t)status, head, len);
-  sl_cache_entry_set_flags(x->centry, chunked ? FLAG_CHUNKED : 0);
+  /* The stored head leaves out what replay writes itself (Age, x-cache). */
+  sl_buf_t kept;
+  sl_buf_init(&kept);
+  uint32_t age = 0;
+  for (const char *p = head, *end = head + len; p < end;) {
+    const char *eol = memchr(p, '\n', (size_t)(end - p));
+    const char *next = eol ? eol + 1 : end;
+    const char *colon = memchr(p, ':', (size_t)(next - p));
+    size_t nlen = colon ? (size_t)(colon - p) : 0;
+    if (nlen == 3 && sl_strieq(p, 3, "age")) {
+      uint32_t a = cc_seconds(colon + 1 + (colon[1] == ' '), next);
+      if (a != UINT32_MAX) age = SL_MIN(a / 1000, 1u << 30);
+    } else if (!(nlen == 7 && sl_strieq(p, 7, "x-cache")) &&
+               !(nlen == 11 && sl_strieq(p, 11, "x-cache-key"))) {
+      sl_buf_append(&kept, p, (size_t)(next - p));
+    }
+    p = next;
+  }
+  sl_cache_entry_set_head(x->centry, (uint16_t)status, kept.data ? kept.data : "", kept.len);
+  sl_buf_free(&kept);
+  sl_cache_entry_set_flags(x->centry, (chunked ? FLAG_CHUNKED : 0) | age << AGE_SHIFT);
 }
 
 void sl_cache_flow_body(sl_exchange_t *x, const char *p, size_t n) {

@@ -653,6 +653,10 @@ static int r_headers_complete(llhttp_t *p) {
     const uint32_t *h = &x->rhdr[4 * i];
     const char *n = x->rstr.data + h[0];
     if (sl_forward_skip_response_header(n, h[1], conn_tokens, conn_len)) continue;
+    /* On a cached route the gateway's own x-cache headers replace the upstream's. */
+    if (x->cache_result != SL_CACHE_NONE && h[1] >= 7 && sl_strieq(n, 7, "x-cache") &&
+        (h[1] == 7 || sl_strieq(n, h[1], "x-cache-key")))
+      continue;
     sl_buf_append2(o, n, h[1], ": ");
     sl_buf_append2(o, x->rstr.data + h[2], h[3], "\r\n");
   }

@@ -5,7 +5,8 @@
 --
 -- key(req) returns the string that stands for the request's path, query and body in the key
 -- (method, host, route and, unless the route opts out, Authorization are always added by the
--- gateway), false to skip the cache for this request, or nil/true for the default key.
+-- gateway), false to skip the cache for this request, or nil/true for the default key. This
+-- one always returns a string, so /x, /x? and /x?utm_source=y share an entry.
 local M = {}
 
 local TRACKING = { fbclid = true, gclid = true, mc_cid = true, mc_eid = true }
@@ -15,10 +16,8 @@ local function tracking(name)
 end
 
 function M.key(req)
-  local query = req.query
-  if not query or query == "" then return nil end
   local params = {}
-  for pair in query:gmatch("[^&]+") do
+  for pair in (req.query or ""):gmatch("[^&]+") do
     local name = pair:match("^([^=]*)")
     if name == "nocache" and pair == "nocache=1" then return false end
     if name ~= "" and not tracking(name) then params[#params + 1] = pair end
