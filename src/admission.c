@@ -132,6 +132,7 @@ void sl_admission_release(sl_worker_t *w, sl_pool_t *pool, uint32_t idx, bool pr
       SL_ERROR("policy error (pool %s breaker): %s", pool->conf->name, err);
     } else {
       apply_breaker(w, pool, idx, action, open_ms);
+      refresh_breakers(w, pool); /* pool.stats.ejected stays current */
     }
   }
   sl_endpoint_update(ep);
@@ -178,6 +179,10 @@ static void on_dispatch(uv_check_t *h) {
  * directly: a check handle started from a timer would wait for the next I/O event. */
 static void on_breaker_timer(uv_timer_t *t) {
   sl_worker_t *w = t->data;
+  /* Open endpoints whose time is up turn half-open now, not at the next pick: readiness and
+   * metrics must not wait for traffic that a failing readiness probe keeps away. */
+  for (uint32_t i = 0; w->gen && i < w->gen->cfg->npools; i++)
+    refresh_breakers(w, &w->gen->pools[i]);
   dispatch_waiters(w);
   uint64_t now = sl_worker_now(w), next = UINT64_MAX;
   for (sl_list_t *l = w->endpoints.next; l != &w->endpoints; l = l->next) {

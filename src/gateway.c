@@ -122,9 +122,12 @@ static int apply_access_log(sluice_t *s, sl_worker_t *w, const sl_config_t *cfg)
 
 static int activate(sluice_t *s, sl_config_t *cfg) {
   sl_worker_t *w = s->worker;
-  if (apply_access_log(s, w, cfg) != 0) return SLUICE_ECONFIG;
   sl_gen_t *g = sl_gen_build(w, cfg, s->error, sizeof(s->error));
   if (!g) return SLUICE_EPOLICY;
+  if (apply_access_log(s, w, cfg) != 0) { /* a failed reload changes nothing */
+    sl_gen_unref(g);
+    return SLUICE_ECONFIG;
+  }
   sl_gen_t *old = w->gen;
   w->gen = g;
   sl_gen_activate(g);

@@ -114,15 +114,22 @@ static void respond_error(sl_exchange_t *x, int status, const char *type, const 
   va_end(ap);
   sl_conn_t *c = x->conn;
   bool sent = x->head_sent;
-  sl_telemetry_request_done(x, sent ? x->status : status);
-  end_exchange(x);
   SL_INFO("request %s: %s: %s", x->request_id, type, msg);
   if (sent) {
+    sl_telemetry_request_done(x, x->status);
+    end_exchange(x);
     sl_conn_close(c);
     return;
   }
   const char *extra = status == 503 ? "Retry-After: 1\r\n" : NULL;
-  sl_conn_send_error(c, status, type, msg, extra, true);
+  sl_buf_t out;
+  sl_buf_init(&out);
+  bool keep = sl_conn_format_error(c, status, type, msg, extra, true, &out);
+  x->bytes_out += out.len;
+  sl_telemetry_request_done(x, status);
+  end_exchange(x);
+  sl_conn_send_formatted(c, status, &out, keep);
+  sl_buf_free(&out);
 }
 
 /* Retries -------------------------------------------------------------------------------- */
@@ -438,6 +445,7 @@ void sl_proxy_ws_end(sl_exchange_t *x, bool client_alive, bool upstream_ok) {
   }
   sl_outcome_t o = outcome(x, upstream_ok ? "response" : "reset", upstream_ok ? 101 : 0);
   end_attempt(x, &o);
+  x->bytes_out = sl_ws_bytes_to_client(ws);
   sl_telemetry_log(x, 101);
   sl_route_m_t *rm = sl_route_m(x->gen, x->route);
   if (rm->ws_open) sl_m_inc(rm->ws_open, -1);
@@ -864,6 +872,7 @@ bool sl_proxy_offer_slot(sl_exchange_t *x) {
 void sl_proxy_abort(sl_exchange_t *x) {
   if (!x->active) return;
   if (x->ws) { /* the session's line; it was counted at its 101 */
+    x->bytes_out = sl_ws_bytes_to_client(x->ws);
     sl_telemetry_log(x, 101);
     sl_route_m_t *rm = sl_route_m(x->gen, x->route);
     if (rm->ws_open) sl_m_inc(rm->ws_open, -1);

@@ -94,7 +94,7 @@ static void on_timer(uv_timer_t *t) {
   sl_conn_t *c = t->data;
   switch (c->state) {
   case SL_CONN_READING:
-    if (!c->admin) sl_telemetry_request_rejected(c->w, 408);
+    if (!c->admin) sl_telemetry_request_rejected(c, 408);
     sl_conn_send_error(c, 408, "request_timeout", "request not received in time", NULL, false);
     break;
   case SL_CONN_IDLE:
@@ -211,7 +211,7 @@ static void conn_process(sl_conn_t *c) {
     if (ev == SL_H1_ERROR) {
       SL_DEBUG("client %s: bad request: %s", c->peer, c->req.err_msg);
       off = c->in.len;
-      if (!c->admin) sl_telemetry_request_rejected(c->w, c->req.err_status);
+      if (!c->admin) sl_telemetry_request_rejected(c, c->req.err_status);
       sl_conn_send_error(c, c->req.err_status, c->req.err_status == 400 ? "bad_request"
                          : c->req.err_status == 413 ? "request_too_large"
                          : c->req.err_status == 431 ? "headers_too_large"
@@ -286,30 +286,40 @@ const char *sl_conn_request_id(sl_conn_t *c) {
   return id;
 }
 
-void sl_conn_send(sl_conn_t *c, int status, const char *content_type, const char *body,
-                  size_t len, const char *extra, bool keep_alive) {
-  if (c->closing) return;
-  if (!c->admin) c->w->stats.responses[status / 100 < 6 ? status / 100 : 0]++;
+bool sl_conn_format(sl_conn_t *c, int status, const char *content_type, const char *body,
+                    size_t len, const char *extra, bool keep_alive, sl_buf_t *out) {
   const char *rid = sl_conn_request_id(c);
   keep_alive = keep_alive && c->req.keep_alive && !c->w->draining;
-  sl_buf_t out;
-  sl_buf_init(&out);
-  sl_buf_appendf(&out,
+  sl_buf_appendf(out,
                  "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
                  "x-request-id: %s\r\n%s%s\r\n",
                  status, sl_http_status_reason(status), content_type, len, rid, extra ? extra : "",
                  !keep_alive ? "Connection: close\r\n"
                  : c->req.http_minor == 0 && c->req.http_major == 1 ? "Connection: keep-alive\r\n"
                  : "");
-  if (c->req.method != HTTP_HEAD) sl_buf_append(&out, body, len);
-  sl_conn_write(c, out.data, out.len);
-  sl_buf_free(&out);
+  if (c->req.method != HTTP_HEAD) sl_buf_append(out, body, len);
+  return keep_alive;
+}
+
+void sl_conn_send_formatted(sl_conn_t *c, int status, sl_buf_t *out, bool keep_alive) {
+  if (c->closing) return;
+  if (!c->admin) c->w->stats.responses[status / 100 < 6 ? status / 100 : 0]++;
+  sl_conn_write(c, out->data, out->len);
   sl_conn_response_done(c, keep_alive);
 }
 
-void sl_conn_send_error(sl_conn_t *c, int status, const char *type, const char *msg,
-                        const char *extra, bool keep_alive) {
+void sl_conn_send(sl_conn_t *c, int status, const char *content_type, const char *body,
+                  size_t len, const char *extra, bool keep_alive) {
   if (c->closing) return;
+  sl_buf_t out;
+  sl_buf_init(&out);
+  keep_alive = sl_conn_format(c, status, content_type, body, len, extra, keep_alive, &out);
+  sl_conn_send_formatted(c, status, &out, keep_alive);
+  sl_buf_free(&out);
+}
+
+bool sl_conn_format_error(sl_conn_t *c, int status, const char *type, const char *msg,
+                          const char *extra, bool keep_alive, sl_buf_t *out) {
   const char *rid = sl_conn_request_id(c);
   sl_buf_t body;
   sl_buf_init(&body);
@@ -320,8 +330,19 @@ void sl_conn_send_error(sl_conn_t *c, int status, const char *type, const char *
   sl_buf_appends(&body, "\",\"request_id\":\"");
   sl_buf_append_json_str(&body, rid, strlen(rid));
   sl_buf_appends(&body, "\"}}\n");
-  sl_conn_send(c, status, "application/json", body.data, body.len, extra, keep_alive);
+  keep_alive = sl_conn_format(c, status, "application/json", body.data, body.len, extra, keep_alive, out);
   sl_buf_free(&body);
+  return keep_alive;
+}
+
+void sl_conn_send_error(sl_conn_t *c, int status, const char *type, const char *msg,
+                        const char *extra, bool keep_alive) {
+  if (c->closing) return;
+  sl_buf_t out;
+  sl_buf_init(&out);
+  keep_alive = sl_conn_format_error(c, status, type, msg, extra, keep_alive, &out);
+  sl_conn_send_formatted(c, status, &out, keep_alive);
+  sl_buf_free(&out);
 }
 
 /* Accepting -------------------------------------------------------------------------------- */

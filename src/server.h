@@ -62,6 +62,13 @@ void sl_conn_response_done(sl_conn_t *c, bool keep_alive);
 /* Sends a complete response with a body and finishes the request. */
 void sl_conn_send(sl_conn_t *c, int status, const char *content_type, const char *body,
                   size_t len, const char *extra, bool keep_alive);
+/* The same in two steps, for callers that account for the response before it goes out:
+ * format into `out` (returns the effective keep-alive), then send and finish the request. */
+bool sl_conn_format(sl_conn_t *c, int status, const char *content_type, const char *body,
+                    size_t len, const char *extra, bool keep_alive, sl_buf_t *out);
+bool sl_conn_format_error(sl_conn_t *c, int status, const char *type, const char *msg,
+                          const char *extra, bool keep_alive, sl_buf_t *out);
+void sl_conn_send_formatted(sl_conn_t *c, int status, sl_buf_t *out, bool keep_alive);
 /* Sends a JSON error response {"error":{"type","message","request_id"}} and finishes the
  * request. `extra` holds additional header lines ("Name: value\r\n"), or NULL. */
 void sl_conn_send_error(sl_conn_t *c, int status, const char *type, const char *msg,

@@ -299,10 +299,7 @@ void sl_telemetry_gen_free(sl_gen_t *g) {
 
 /* Request completion -------------------------------------------------------------------- */
 
-static void access_log_line(sl_exchange_t *x, int status, double duration_s) {
-  sl_worker_t *w = x->conn->w;
-  const sl_http_req_t *r = &x->conn->req;
-  sl_buf_t *b = sl_access_log_buf(w->alog);
+static void append_time(sl_buf_t *b) {
   struct timespec ts;
   clock_gettime(CLOCK_REALTIME, &ts);
   struct tm tm;
@@ -311,6 +308,13 @@ static void access_log_line(sl_exchange_t *x, int status, double duration_s) {
   snprintf(when, sizeof(when), "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ", tm.tm_year + 1900,
            tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, (ts.tv_nsec / 1000000) % 1000);
   sl_buf_appendf(b, "{\"time\":\"%s\",\"request_id\":\"", when);
+}
+
+static void access_log_line(sl_exchange_t *x, int status, double duration_s) {
+  sl_worker_t *w = x->conn->w;
+  const sl_http_req_t *r = &x->conn->req;
+  sl_buf_t *b = sl_access_log_buf(w->alog);
+  append_time(b);
   sl_buf_append_json_str(b, x->request_id, strlen(x->request_id));
   sl_buf_appends(b, "\",\"client\":\"");
   sl_buf_append_json_str(b, x->conn->peer, strlen(x->conn->peer));
@@ -374,8 +378,22 @@ void sl_telemetry_request_done(sl_exchange_t *x, int status) {
   sl_telemetry_log(x, status);
 }
 
-void sl_telemetry_request_rejected(sl_worker_t *w, int status) {
+void sl_telemetry_request_rejected(sl_conn_t *c, int status) {
+  sl_worker_t *w = c->w;
   inc(w->tm->noroute_requests[sl_status_class(status)], 1);
+  if (!w->alog) return;
+  sl_buf_t *b = sl_access_log_buf(w->alog);
+  append_time(b);
+  const char *rid = sl_conn_request_id(c);
+  sl_buf_append_json_str(b, rid, strlen(rid));
+  sl_buf_appends(b, "\",\"client\":\"");
+  sl_buf_append_json_str(b, c->peer, strlen(c->peer));
+  sl_buf_appendf(b, "\",\"method\":null,\"path\":null,\"route\":null,\"pool\":null,"
+                    "\"endpoints\":[],\"attempts\":0,\"status\":%d,\"bytes\":0,"
+                    "\"queue_wait_ms\":0,\"upstream_ttfb_ms\":-1,\"duration_ms\":0,\"cache\":null,"
+                    "\"rejected\":true}\n",
+                 status);
+  sl_access_log_commit(w->alog);
 }
 
 void sl_telemetry_breaker(sl_pool_t *pool, uint32_t idx, int state) {

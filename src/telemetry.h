@@ -64,8 +64,10 @@ struct sl_exchange;
 void sl_telemetry_request_done(struct sl_exchange *x, int status);
 void sl_telemetry_count(struct sl_exchange *x, int status);
 void sl_telemetry_log(struct sl_exchange *x, int status);
-/* A request the server answered itself before any routing (malformed, too large, timeout). */
-void sl_telemetry_request_rejected(sl_worker_t *w, int status);
+/* A request the server answered itself before any routing (malformed, too large, timeout):
+ * counted under route="" and logged with what is known of it. */
+struct sl_conn;
+void sl_telemetry_request_rejected(struct sl_conn *c, int status);
 /* A breaker state change on pool->eps[idx]. */
 void sl_telemetry_breaker(sl_pool_t *pool, uint32_t idx, int state);
 /* A policy failed; `kind` is balancer, retry, breaker or cache. */

@@ -56,6 +56,7 @@ struct sl_ws {
   sl_exchange_t *x;
   ws_in_t in[2];   /* frames from the client [0] and from the upstream [1] */
   ws_out_t out[2]; /* toward the client [0] and toward the upstream [1] */
+  uint64_t to_client; /* bytes written toward the client, 101 head included */
   unsigned busy;   /* nesting of entry points; freeing waits for 0 */
   bool dead;       /* freed while busy */
   bool ending;
@@ -110,6 +111,8 @@ static size_t queued(sl_ws_t *ws, int s) {
 
 static void leg_writev(sl_ws_t *ws, int s, const uv_buf_t *iov, unsigned n) {
   if (!n || ws->out[s].lost || ws->dead) return;
+  if (s == CLIENT)
+    for (unsigned i = 0; i < n; i++) ws->to_client += iov[i].len;
   int rc = s == CLIENT ? sl_conn_writev(ws->x->conn, iov, n) : sl_upconn_writev(ws->x->up, iov, n);
   if (rc < 0) ws->out[s].lost = true;
 }
@@ -545,11 +548,13 @@ int sl_ws_start(sl_exchange_t *x, const char *accept, const char *protocol, size
   sl_buf_appends(&b, "x-request-id: ");
   sl_buf_append2(&b, x->request_id, strlen(x->request_id), "\r\n\r\n");
   int rc = sl_conn_write(x->conn, b.data, b.len);
+  size_t head_len = b.len;
   sl_buf_free(&b);
   if (rc < 0) return -1;
 
   sl_ws_t *ws = sl_calloc(1, sizeof(*ws));
   ws->x = x;
+  ws->to_client = head_len;
   x->ws = ws;
   x->up->ops = &ws_up_ops;
   x->up->ctx = ws;
@@ -567,6 +572,8 @@ int sl_ws_start(sl_exchange_t *x, const char *accept, const char *protocol, size
   leave(ws);
   return 0;
 }
+
+uint64_t sl_ws_bytes_to_client(const sl_ws_t *ws) { return ws->to_client; }
 
 void sl_ws_shutdown(sl_ws_t *ws) {
   enter(ws);

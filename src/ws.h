@@ -34,6 +34,8 @@ void sl_ws_client_read(sl_ws_t *ws, const char *data, ssize_t n);
 void sl_ws_client_drained(sl_ws_t *ws);
 /* The gateway is draining: close both legs now (1012 to the client, 1001 upstream). */
 void sl_ws_shutdown(sl_ws_t *ws);
+/* Bytes the session sent the client (the 101 head and relayed frames), for the access log. */
+uint64_t sl_ws_bytes_to_client(const sl_ws_t *ws);
 /* Abort: frees the session without further I/O (the connections are being closed). */
 void sl_ws_free(sl_ws_t *ws);
 

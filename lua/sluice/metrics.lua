@@ -18,6 +18,12 @@ function M.new(family, series, update)
     if not f then return nil, err end
     local n, cache = #labels, {}
     local function handle(...)
+      for i = 1, n do
+        local t = type((select(i, ...)))
+        if t ~= "string" and t ~= "number" then
+          error(string.format("metric %s: label values must be strings or numbers, got %s", name, t), 3)
+        end
+      end
       local key = n == 0 and "" or table.concat({ ... }, "\0", 1, n)
       local s = cache[key]
       if not s then

@@ -9,15 +9,16 @@ local endpoint_state = {}
 -- Builds the `pool` table handed to policies. Endpoints arrive as (light userdata, url) pairs
 -- pointing at sl_ep_view_t structs owned by C; the table keeps typed read-only pointers.
 function M.make_pool(name, options, retry, breaker, stats, ...)
-  local eps, states = {}, {}
+  local eps, states, urls = {}, {}, {}
   for i = 1, select("#", ...) / 2 do
     local lud, url = select(2 * i - 1, ...)
     eps[i] = sffi.endpoint(lud)
+    urls[i] = url
     local st = endpoint_state[url]
     if not st then st = {}; endpoint_state[url] = st end
     states[i] = st
   end
-  return { name = name, n = #eps, endpoints = eps, ep_state = states, state = {},
+  return { name = name, n = #eps, endpoints = eps, urls = urls, ep_state = states, state = {},
            options = options or {}, retry = retry or nil, breaker = breaker or nil,
            stats = sffi.pool_stats(stats) }
 end
