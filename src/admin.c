@@ -7,6 +7,7 @@
 #include "telemetry.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 
 static bool path_is(const sl_http_req_t *r, const char *p) {
   size_t n = strlen(p);
@@ -100,13 +101,44 @@ static void handle_cache(sl_conn_t *c) {
   sl_conn_send(c, 200, "application/json", body, (size_t)n, NULL, true);
 }
 
-static void handle_metrics(sl_conn_t *c) {
+/* /metrics: the collector copies live gauges on the loop (cheap), the text is rendered in
+ * libuv's thread pool, so a scrape never holds up requests on the loop. */
+typedef struct scrape {
+  uv_work_t req;
+  sl_worker_t *w;
+  uint64_t conn;
   sl_buf_t out;
-  sl_buf_init(&out);
-  sl_metrics_t *regs[1] = {c->w->tm->reg};
-  sl_metrics_render(regs, 1, &out);
-  sl_conn_send(c, 200, "text/plain; version=0.0.4; charset=utf-8", out.data, out.len, NULL, true);
-  sl_buf_free(&out);
+} scrape_t;
+
+static void scrape_work(uv_work_t *req) {
+  scrape_t *s = req->data;
+  sl_metrics_t *regs[1] = {s->w->tm->reg};
+  sl_metrics_render_opts(regs, 1, &s->out, false);
+}
+
+static void scrape_done(uv_work_t *req, int status) {
+  scrape_t *s = req->data;
+  sl_conn_t *c = sl_server_find_conn(s->w, s->conn);
+  if (c && status == 0)
+    sl_conn_send(c, 200, "text/plain; version=0.0.4; charset=utf-8", s->out.data, s->out.len,
+                 NULL, true);
+  else if (c)
+    sl_conn_send_error(c, 503, "unavailable", "the scrape was cancelled", NULL, false);
+  sl_buf_free(&s->out);
+  free(s);
+}
+
+static void handle_metrics(sl_conn_t *c) {
+  scrape_t *s = sl_calloc(1, sizeof(*s));
+  s->w = c->w;
+  s->conn = c->serial;
+  s->req.data = s;
+  sl_buf_init(&s->out);
+  sl_metrics_collect(c->w->tm->reg);
+  if (uv_queue_work(c->w->loop, &s->req, scrape_work, scrape_done) != 0) {
+    scrape_work(&s->req); /* no thread pool: render here */
+    scrape_done(&s->req, 0);
+  }
 }
 
 static const char *const STATE_NAMES[3] = {"closed", "open", "half_open"};

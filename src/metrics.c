@@ -528,14 +528,25 @@ static void render_group(const famref_t *refs, size_t n, sl_buf_t *out) {
   free(acc);
 }
 
+void sl_metrics_collect(sl_metrics_t *m) {
+  sl_metrics_lock(m);
+  if (m->collect) m->collect(m->collect_ud, m);
+  sl_metrics_unlock(m);
+}
+
 void sl_metrics_render(sl_metrics_t *const *regs, size_t nregs, sl_buf_t *out) {
+  sl_metrics_render_opts(regs, nregs, out, true);
+}
+
+void sl_metrics_render_opts(sl_metrics_t *const *regs, size_t nregs, sl_buf_t *out,
+                            bool run_collectors) {
   /* Lock every registry (in array order; owners only ever take their own lock) so series
    * cannot be freed under us, then let each collector refresh its gauges. */
   size_t nrefs = 0;
   for (size_t r = 0; r < nregs; r++) {
     if (!regs[r]) continue;
     sl_metrics_lock(regs[r]);
-    if (regs[r]->collect) regs[r]->collect(regs[r]->collect_ud, regs[r]);
+    if (run_collectors && regs[r]->collect) regs[r]->collect(regs[r]->collect_ud, regs[r]);
     nrefs += regs[r]->nfams;
   }
   famref_t *refs = sl_calloc(nrefs, sizeof(*refs));

@@ -123,6 +123,12 @@ void sl_metrics_unlock(sl_metrics_t *m);
  * NULL entries in regs are skipped. */
 void sl_metrics_render(sl_metrics_t *const *regs, size_t nregs, sl_buf_t *out);
 
+/* The same without running the collectors: for rendering on another thread after the owner
+ * ran them itself with sl_metrics_collect (collectors read the owner's live state). */
+void sl_metrics_render_opts(sl_metrics_t *const *regs, size_t nregs, sl_buf_t *out,
+                            bool run_collectors);
+void sl_metrics_collect(sl_metrics_t *m);
+
 /* Metric names: [a-zA-Z_][a-zA-Z0-9_]* (colons are legal in Prometheus but reserved for
  * recording rules, so an exporter does not use them). Label names: [a-zA-Z_][a-zA-Z0-9_]*,
  * not starting with "__" (reserved). */

@@ -362,6 +362,7 @@ static void on_connection(uv_stream_t *server, int status) {
   c->tcp.data = c->timer.data = c;
   sl_list_insert_tail(&w->conns, &c->link);
   w->nconns++;
+  c->serial = ++w->next_conn_serial;
   sl_proxy_init(&c->x, c);
   if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0) {
     sl_conn_close(c);
@@ -467,3 +468,11 @@ void sl_server_close_all(sl_worker_t *w) {
 }
 
 uint32_t sl_server_client_hwm(void) { return SL_CLIENT_HWM; }
+
+sl_conn_t *sl_server_find_conn(sl_worker_t *w, uint64_t serial) {
+  for (sl_list_t *l = w->conns.next; l != &w->conns; l = l->next) {
+    sl_conn_t *c = SL_CONTAINER_OF(l, sl_conn_t, link);
+    if (c->serial == serial) return c->closing ? NULL : c;
+  }
+  return NULL;
+}

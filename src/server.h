@@ -41,7 +41,11 @@ typedef struct sl_conn {
   bool in_process;    /* re-entrancy guard for conn_process */
   bool close_after;   /* close once queued writes are flushed */
   bool admin;         /* accepted on the admin listener */
+  uint64_t serial;    /* unique per worker: finds the connection again after async work */
 } sl_conn_t;
+
+/* The live connection with this serial, or NULL when it has closed meanwhile. */
+sl_conn_t *sl_server_find_conn(sl_worker_t *w, uint64_t serial);
 
 /* Starts listening on every configured address, and on the admin address when set. Returns 0
  * or a negative libuv error with err filled. */

@@ -65,6 +65,7 @@ typedef struct sl_worker {
   sl_list_t endpoints;
   sl_list_t conns;
   uint32_t nconns;
+  uint64_t next_conn_serial;
 
   /* The request a policy hook is deciding on; read by the Lua `req` object. */
   const struct sl_http_req *hook_req;
