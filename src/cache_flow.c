@@ -421,11 +421,9 @@ void sl_cache_flow_complete(sl_exchange_t *x) {
   if (x->centry) {
     sl_cache_entry_t *e = x->centry;
     x->centry = NULL;
-    sl_cache_entry_ref(e); /* commit consumes one reference; this one is for the waiters */
+    /* commit hands our reference to the table; the waiters' one is taken after it */
     if (sl_cache_commit(W(x)->cache, e, sl_worker_now(W(x)), x->cache_ttl_ms) == 0)
-      shared = e;
-    else
-      sl_cache_entry_unref(e);
+      shared = sl_cache_entry_ref(e);
   }
   if (x->cfill) {
     sl_list_t waiters;
