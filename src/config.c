@@ -221,6 +221,10 @@ static void read_pool(lua_State *L, int idx, const char *name, sl_pool_conf_t *p
   p->max_inflight = (uint32_t)get_int(L, idx, "max_inflight");
   p->fallback = get_str(L, idx, "fallback");
   p->preserve_host = get_bool(L, idx, "preserve_host");
+  int tt = push_sub(L, idx, "tls");
+  p->tls_ca = get_str(L, tt, "ca");
+  p->tls_verify = get_bool(L, tt, "verify");
+  lua_pop(L, 1);
   int ws = push_sub(L, idx, "websocket");
   p->ws_max_message_bytes = (uint64_t)get_int(L, ws, "max_message_bytes");
   p->ws_idle_timeout_ms = (uint32_t)get_int(L, ws, "idle_timeout_ms");
@@ -362,7 +366,15 @@ static void extract(lua_State *L, int idx, sl_config_t *c) {
   uint32_t i = 0;
   lua_pushnil(L);
   while (lua_next(L, t)) {
-    read_pool(L, lua_gettop(L), lua_tostring(L, -2), &c->pools[i++]);
+    sl_pool_conf_t *pc = &c->pools[i++];
+    read_pool(L, lua_gettop(L), lua_tostring(L, -2), pc);
+    if (pc->tls_ca && pc->tls_ca[0] != '/') { /* relative to the config file */
+      size_t n = strlen(c->dir) + strlen(pc->tls_ca) + 2;
+      char *abs = sl_malloc(n);
+      snprintf(abs, n, "%s/%s", c->dir, pc->tls_ca);
+      free(pc->tls_ca);
+      pc->tls_ca = abs;
+    }
     lua_pop(L, 1);
   }
   lua_pop(L, 1);
@@ -446,6 +458,7 @@ void sl_config_free(sl_config_t *c) {
     free(p->balancer);
     free(p->fallback);
     free(p->retry_policy);
+    free(p->tls_ca);
     free(p->breaker_policy);
   }
   free(c->pools);

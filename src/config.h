@@ -32,6 +32,8 @@ typedef struct sl_pool_conf {
   uint32_t ws_idle_timeout_ms;  /* 0 = none */
   uint32_t ws_ping_interval_ms; /* 0 = no keepalive pings */
   bool websocket; /* some endpoint is ws:// or wss://: upgrades on its routes become sessions */
+  char *tls_ca;   /* CA file for https/wss endpoints (resolved path), NULL = system store */
+  bool tls_verify;
 
   bool retry_enabled;
   char *retry_policy;

@@ -1,5 +1,7 @@
 #include "endpoint.h"
 
+#include <openssl/ssl.h>
+
 #include "upstream.h"
 #include "worker.h"
 
@@ -88,6 +90,9 @@ void sl_endpoint_unref(sl_endpoint_t *ep) {
 }
 
 void sl_endpoint_free(sl_endpoint_t *ep) {
+  if (ep->tls_session) SSL_SESSION_free(ep->tls_session);
+  if (ep->tls_ctx) SSL_CTX_free(ep->tls_ctx);
+  free(ep->tls_ca);
   free(ep->url);
   free(ep->host);
   free(ep->path_prefix);

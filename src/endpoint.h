@@ -57,9 +57,15 @@ typedef struct sl_endpoint {
   uint32_t idle_timeout_ms;
   uint32_t nconns;     /* all upstream connections, idle or busy */
 
+  struct ssl_ctx_st *tls_ctx;         /* https/wss: client context (pools' tls settings) */
+  struct ssl_session_st *tls_session; /* the last session the upstream issued, for resumption */
+  char *tls_ca;                       /* the settings tls_ctx was built with */
+  bool tls_verify;
+
   uint64_t open_until_ms; /* breaker: when an open endpoint turns half-open */
   uint32_t probes;        /* breaker: attempts in flight while half-open */
   uint32_t probes_max;
+  uint32_t connect_timeout_ms; /* of the last connection started (bounds a TLS handshake) */
 
   sl_list_t link; /* in worker->endpoints */
   uint32_t refs;  /* pools (of any generation) that reference it */

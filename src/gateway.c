@@ -124,6 +124,10 @@ static int activate(sluice_t *s, sl_config_t *cfg) {
   sl_worker_t *w = s->worker;
   sl_gen_t *g = sl_gen_build(w, cfg, s->error, sizeof(s->error));
   if (!g) return SLUICE_EPOLICY;
+  if (sl_gen_prepare_tls(g, s->error, sizeof(s->error)) != 0) {
+    sl_gen_unref(g);
+    return SLUICE_ECONFIG;
+  }
   if (apply_access_log(s, w, cfg) != 0) { /* a failed reload changes nothing */
     sl_gen_unref(g);
     return SLUICE_ECONFIG;
@@ -318,6 +322,7 @@ int sluice_check_file(const char *path, char *err, size_t errlen) {
     sl_gen_t *g = sl_gen_build(w, cfg, err, errlen);
     if (!g) rc = SLUICE_EPOLICY;
     else w->gen = g;
+    if (g && sl_gen_prepare_tls(g, err, errlen) != 0) rc = SLUICE_ECONFIG;
     sl_admission_close(w);
     sl_close_handle((uv_handle_t *)&w->drain_timer, NULL);
     worker_free(w);

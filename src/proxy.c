@@ -315,6 +315,10 @@ static void on_up_connected(void *ctx, sl_upconn_t *u, int status) {
     attempt_failed(x, &o, -2, 504, "upstream_connect_timeout",
                    "connecting to %s timed out after %u ms", x->ep->url,
                    x->pool->conf->connect_timeout_ms);
+  } else if (status == UV_EPROTO) {
+    sl_outcome_t o = outcome(x, "connect_error", 0);
+    attempt_failed(x, &o, -2, 502, "upstream_tls_failed", "TLS handshake with %s failed: %s",
+                   x->ep->url, sl_upconn_tls_error(u));
   } else {
     sl_outcome_t o = outcome(x, "connect_error", 0);
     attempt_failed(x, &o, -2, 502, "upstream_connect_failed", "connecting to %s failed: %s",

@@ -2,14 +2,19 @@
 
 #include "io.h"
 #include "log.h"
+#include "tls.h"
 #include "worker.h"
 
+#include <stdio.h>
 #include <stdlib.h>
+
+static char tls_error[256]; /* per thread once workers are threads: see sl_upconn_tls_error */
 
 static void on_handle_closed(uv_handle_t *h) {
   sl_upconn_t *u = h->data;
   if (--u->pending_close > 0) return;
   sl_endpoint_t *ep = u->ep;
+  sl_tls_free(u->tls);
   free(u);
   sl_endpoint_conn_gone(ep);
 }
@@ -35,15 +40,73 @@ static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf) {
   *buf = uv_buf_init(w->readbuf, sizeof(w->readbuf));
 }
 
+static void tls_connected(sl_upconn_t *u);
+static void tls_failed(sl_upconn_t *u);
+
+/* Sends what the TLS engine produced for the peer. */
+static int tls_flush(sl_upconn_t *u) {
+  sl_buf_t out;
+  sl_buf_init(&out);
+  int rc = 0;
+  if (sl_tls_pending_out(u->tls, &out))
+    rc = sl_stream_write((uv_stream_t *)&u->tcp, out.data, out.len, NULL);
+  sl_buf_free(&out);
+  return rc < 0 ? rc : 0;
+}
+
+/* Ciphertext arrived: advance the handshake, then hand plaintext to the owner. */
+static void tls_read(sl_upconn_t *u, const char *data, size_t n) {
+  sl_tls_feed(u->tls, data, n);
+  if (!u->connected) {
+    int hs = sl_tls_handshake(u->tls);
+    if (tls_flush(u) < 0 || hs == SL_TLS_ERROR) {
+      tls_failed(u);
+      return;
+    }
+    if (hs == SL_TLS_WANT) return;
+    tls_connected(u);
+    if (u->closing) return;
+  }
+  char plain[16 * 1024];
+  for (;;) {
+    int r = sl_tls_read(u->tls, plain, sizeof(plain));
+    if (tls_flush(u) < 0) r = SL_TLS_ERROR; /* e.g. a key update to answer */
+    if (r == 0) return;
+    if (!u->ops) { /* pooled: application data or a close means unusable; tickets do not */
+      sl_upconn_close(u);
+      return;
+    }
+    if (r < 0) {
+      u->ops->read(u->ctx, u, NULL, r == SL_TLS_CLOSED ? UV_EOF : UV_EPROTO);
+      return;
+    }
+    u->ops->read(u->ctx, u, plain, r);
+    if (u->closing || !u->ops || !u->tls) return;
+  }
+}
+
 static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
   sl_upconn_t *u = s->data;
   if (n == 0) return;
+  if (u->tls && n > 0) {
+    tls_read(u, buf->base, (size_t)n);
+    return;
+  }
   if (!u->ops) {
     /* Pooled: the upstream closed it or sent unsolicited bytes. Either way it is unusable. */
     sl_upconn_close(u);
     return;
   }
+  if (!u->connected) { /* the handshake was cut short */
+    tls_failed(u);
+    return;
+  }
   u->ops->read(u->ctx, u, buf->base, n);
+}
+
+const char *sl_upconn_tls_error(const sl_upconn_t *u) {
+  (void)u;
+  return tls_error;
 }
 
 static void on_connect_timeout(uv_timer_t *t) {
@@ -66,9 +129,36 @@ static void on_connect(uv_connect_t *req, int status) {
     ops->connected(ctx, u, status);
     return;
   }
-  u->connected = true;
   uv_tcp_nodelay(&u->tcp, 1);
+  if (u->ep->tls) { /* the connect timeout also bounds the handshake */
+    u->tls = sl_tls_client_new(u->ep->tls_ctx, u->ep->host, &u->ep->tls_session);
+    if (!u->tls) {
+      snprintf(tls_error, sizeof(tls_error), "TLS: cannot create a connection");
+      sl_upconn_close(u);
+      ops->connected(ctx, u, UV_EPROTO);
+      return;
+    }
+    uv_timer_start(&u->timer, on_connect_timeout, u->ep->connect_timeout_ms, 0);
+    if (sl_tls_handshake(u->tls) == SL_TLS_ERROR || tls_flush(u) < 0) tls_failed(u);
+    return;
+  }
+  u->connected = true;
   ops->connected(ctx, u, 0);
+}
+
+static void tls_connected(sl_upconn_t *u) {
+  uv_timer_stop(&u->timer);
+  u->connected = true;
+  if (u->ops) u->ops->connected(u->ctx, u, 0);
+}
+
+static void tls_failed(sl_upconn_t *u) {
+  if (u->tls) sl_tls_error(u->tls, tls_error, sizeof(tls_error));
+  else snprintf(tls_error, sizeof(tls_error), "TLS: the connection closed during the handshake");
+  const sl_upconn_ops_t *ops = u->ops;
+  void *ctx = u->ctx;
+  sl_upconn_close(u);
+  if (ops && !u->connected) ops->connected(ctx, u, UV_EPROTO);
 }
 
 sl_upconn_t *sl_upconn_acquire(sl_endpoint_t *ep, uint32_t connect_timeout_ms,
@@ -100,6 +190,7 @@ sl_upconn_t *sl_upconn_acquire(sl_endpoint_t *ep, uint32_t connect_timeout_ms,
     return NULL;
   }
   uv_timer_start(&u->timer, on_connect_timeout, connect_timeout_ms, 0);
+  ep->connect_timeout_ms = connect_timeout_ms;
   return u;
 }
 
@@ -133,6 +224,16 @@ static void on_write_done(uv_stream_t *s, int status) {
 }
 
 int sl_upconn_writev(sl_upconn_t *u, const uv_buf_t *bufs, unsigned n) {
+  if (u->tls) {
+    for (unsigned i = 0; i < n; i++)
+      if (sl_tls_write(u->tls, bufs[i].base, bufs[i].len) != 0) return UV_EPROTO;
+    sl_buf_t out;
+    sl_buf_init(&out);
+    sl_tls_pending_out(u->tls, &out);
+    int rc = sl_stream_write((uv_stream_t *)&u->tcp, out.data, out.len, on_write_done);
+    sl_buf_free(&out);
+    return rc < 0 ? rc : 0;
+  }
   int rc = sl_stream_writev((uv_stream_t *)&u->tcp, bufs, n, on_write_done);
   return rc < 0 ? rc : 0;
 }

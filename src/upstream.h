@@ -30,12 +30,16 @@ struct sl_upconn {
   sl_list_t link; /* in ep->idle while pooled */
   const sl_upconn_ops_t *ops;
   void *ctx;
+  struct sl_tls *tls;    /* https/wss: the TLS engine between the socket and the owner */
   uint8_t pending_close; /* handles still to close */
   bool connected;
   bool pooled;
   bool closing;
 };
 
+/* Why the last TLS handshake on this worker failed (valid in the connected callback that
+ * reported UV_EPROTO). */
+const char *sl_upconn_tls_error(const sl_upconn_t *u);
 /* Takes an idle connection to ep (returns it with connected = true; the caller writes at
  * once) or starts a new connection (connected = false; ops->connected follows). Returns NULL
  * only when the socket could not even be created, with *err set. */

@@ -4,6 +4,7 @@
 #include "log.h"
 #include "policy.h"
 #include "telemetry.h"
+#include "tls.h"
 
 #include <lauxlib.h>
 #include <stdio.h>
@@ -198,6 +199,52 @@ fail:
 /* Endpoint settings that come from pools, applied when a generation becomes current. An
  * endpoint listed by several pools is one upstream instance with one queue, so its settings
  * are merged: the tightest max_inflight, the most idle connections, the shortest idle time. */
+/* The TLS client context of an https/wss endpoint, rebuilt when its pools' settings change.
+ * An endpoint shared by pools takes the strictest: verification if any pool verifies. */
+static int endpoint_tls(sl_endpoint_t *ep, const char *ca, bool verify, char *err, size_t errlen) {
+  bool same = ep->tls_ctx && ep->tls_verify == verify &&
+              ((!ca && !ep->tls_ca) || (ca && ep->tls_ca && !strcmp(ca, ep->tls_ca)));
+  if (same) return 0;
+  SSL_CTX *ctx = sl_tls_client_ctx(ca, verify, err, errlen);
+  if (!ctx) return -1;
+  if (ep->tls_ctx) SSL_CTX_free(ep->tls_ctx); /* live connections keep their own reference */
+  if (ep->tls_session) SSL_SESSION_free(ep->tls_session);
+  ep->tls_session = NULL;
+  ep->tls_ctx = ctx;
+  free(ep->tls_ca);
+  ep->tls_ca = ca ? sl_strdup(ca) : NULL;
+  ep->tls_verify = verify;
+  if (!verify)
+    SL_WARN("TLS certificate verification is OFF for %s (tls.verify = false)", ep->url);
+  return 0;
+}
+
+int sl_gen_prepare_tls(sl_gen_t *g, char *err, size_t errlen) {
+  for (uint32_t i = 0; i < g->cfg->npools; i++) {
+    sl_pool_t *p = &g->pools[i];
+    for (uint32_t j = 0; j < p->n; j++) {
+      sl_endpoint_t *ep = p->eps[j];
+      if (!ep->tls) continue;
+      bool verify = p->conf->tls_verify;
+      const char *ca = p->conf->tls_ca;
+      for (uint32_t k = 0; k < g->cfg->npools; k++) /* another pool naming it may verify */
+        for (uint32_t m = 0; m < g->pools[k].n; m++)
+          if (g->pools[k].eps[m] == ep && g->pools[k].conf->tls_verify) {
+            verify = true;
+            if (!ca) ca = g->pools[k].conf->tls_ca;
+          }
+      char e[512];
+      if (endpoint_tls(ep, ca, verify, e, sizeof(e)) != 0) {
+        char path[300];
+        snprintf(path, sizeof(path), "pools.%s.tls.ca", p->conf->name);
+        sl_config_error(g->worker->L, g->cfg, path, e, err, errlen);
+        return -1;
+      }
+    }
+  }
+  return 0;
+}
+
 void sl_gen_activate(sl_gen_t *g) {
   sl_worker_t *w = g->worker;
   if (!w->cache)

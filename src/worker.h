@@ -105,6 +105,9 @@ static inline sl_gen_t *sl_gen_ref(sl_gen_t *g) {
   return g;
 }
 void sl_gen_unref(sl_gen_t *g);
+/* Builds or updates the TLS contexts of the generation's https/wss endpoints. Returns -1 with
+ * err (naming the config key) when a CA file cannot be loaded. */
+int sl_gen_prepare_tls(sl_gen_t *g, char *err, size_t errlen);
 /* Applies per-pool endpoint settings (weight, max_inflight, keep-alive) of a new current
  * generation. */
 void sl_gen_activate(sl_gen_t *g);

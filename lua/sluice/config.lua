@@ -160,6 +160,7 @@ local pool_schema = record({
   }),
   fallback = str(nil, "^[%w_%-]+$", "a pool name"),
   preserve_host = bool(false),
+  tls = record({ ca = str(nil, nil, "a file path"), verify = bool(true) }),
   websocket = record({
     max_message_bytes = int(125, 2 ^ 31, 1024 * 1024),
     idle_timeout_ms = int(0, 86400000, 300000),
