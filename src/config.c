@@ -215,6 +215,16 @@ static void free_route_cache(sl_route_cache_conf_t *rc) {
   free(rc);
 }
 
+/* File paths in the config are relative to the config file's directory. */
+static void resolve_path(const sl_config_t *c, char **p) {
+  if (!*p || (*p)[0] == '/') return;
+  size_t n = strlen(c->dir) + strlen(*p) + 2;
+  char *abs = sl_malloc(n);
+  snprintf(abs, n, "%s/%s", c->dir, *p);
+  free(*p);
+  *p = abs;
+}
+
 static void read_pool(lua_State *L, int idx, const char *name, sl_pool_conf_t *p) {
   p->name = sl_strdup(name);
   p->balancer = get_str(L, idx, "balancer");
@@ -315,6 +325,8 @@ static void extract(lua_State *L, int idx, sl_config_t *c) {
   for (uint32_t i = 0; i < c->nlisten; i++) {
     lua_rawgeti(L, t, (int)i + 1);
     read_listen(L, lua_gettop(L), &c->listen[i]);
+    resolve_path(c, &c->listen[i].tls_cert);
+    resolve_path(c, &c->listen[i].tls_key);
     lua_pop(L, 1);
   }
   lua_pop(L, 1);
@@ -368,13 +380,7 @@ static void extract(lua_State *L, int idx, sl_config_t *c) {
   while (lua_next(L, t)) {
     sl_pool_conf_t *pc = &c->pools[i++];
     read_pool(L, lua_gettop(L), lua_tostring(L, -2), pc);
-    if (pc->tls_ca && pc->tls_ca[0] != '/') { /* relative to the config file */
-      size_t n = strlen(c->dir) + strlen(pc->tls_ca) + 2;
-      char *abs = sl_malloc(n);
-      snprintf(abs, n, "%s/%s", c->dir, pc->tls_ca);
-      free(pc->tls_ca);
-      pc->tls_ca = abs;
-    }
+    resolve_path(c, &pc->tls_ca);
     lua_pop(L, 1);
   }
   lua_pop(L, 1);

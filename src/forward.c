@@ -74,7 +74,8 @@ void sl_forward_request(sl_buf_t *b, const sl_http_req_t *r, const sl_endpoint_t
       sl_buf_append(b, ", ", 2);
     }
   }
-  sl_buf_append2(b, o->client_ip, strlen(o->client_ip), "\r\nX-Forwarded-Proto: http\r\n");
+  sl_buf_append2(b, o->client_ip, strlen(o->client_ip),
+                 o->tls ? "\r\nX-Forwarded-Proto: https\r\n" : "\r\nX-Forwarded-Proto: http\r\n");
   if (host && !o->preserve_host) {
     sl_buf_appends(b, "X-Forwarded-Host: ");
     sl_buf_append2(b, sl_http_req_str(r, host->value_off), host->value_len, "\r\n");

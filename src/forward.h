@@ -13,6 +13,7 @@ typedef struct sl_forward_opts {
   const char *request_id;
   bool preserve_host;
   bool websocket; /* forward the upgrade (without extensions: frames are parsed here) */
+  bool tls;       /* the client connected over TLS (X-Forwarded-Proto: https) */
 } sl_forward_opts_t;
 
 /* Serializes `r` for `ep` into out (replacing its contents), body included. */

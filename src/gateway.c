@@ -6,6 +6,7 @@
 #include "admission.h"
 #include "cache.h"
 #include "telemetry.h"
+#include "tls.h"
 #include "config.h"
 #include "io.h"
 #include "log.h"
@@ -124,8 +125,9 @@ static int activate(sluice_t *s, sl_config_t *cfg) {
   sl_worker_t *w = s->worker;
   sl_gen_t *g = sl_gen_build(w, cfg, s->error, sizeof(s->error));
   if (!g) return SLUICE_EPOLICY;
-  if (sl_gen_prepare_tls(g, s->error, sizeof(s->error)) != 0) {
-    sl_gen_unref(g);
+  if (sl_gen_prepare_tls(g, s->error, sizeof(s->error)) != 0 ||
+      (s->started && sl_server_load_tls(w, cfg, s->error, sizeof(s->error)) != 0)) {
+    sl_gen_unref(g); /* a failed reload changes nothing */
     return SLUICE_ECONFIG;
   }
   if (apply_access_log(s, w, cfg) != 0) { /* a failed reload changes nothing */
@@ -323,6 +325,19 @@ int sluice_check_file(const char *path, char *err, size_t errlen) {
     if (!g) rc = SLUICE_EPOLICY;
     else w->gen = g;
     if (g && sl_gen_prepare_tls(g, err, errlen) != 0) rc = SLUICE_ECONFIG;
+    for (uint32_t i = 0; rc == 0 && i < cfg->nlisten; i++) { /* listener certificates load */
+      if (!cfg->listen[i].tls_cert) continue;
+      char e[512];
+      SSL_CTX *ctx = sl_tls_server_ctx(cfg->listen[i].tls_cert, cfg->listen[i].tls_key, e, sizeof(e));
+      if (ctx) {
+        SSL_CTX_free(ctx);
+        continue;
+      }
+      char key[64];
+      snprintf(key, sizeof(key), "listen[%u].tls", i + 1);
+      sl_config_error(w->L, cfg, key, e, err, errlen);
+      rc = SLUICE_ECONFIG;
+    }
     sl_admission_close(w);
     sl_close_handle((uv_handle_t *)&w->drain_timer, NULL);
     worker_free(w);

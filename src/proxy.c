@@ -758,7 +758,7 @@ static void start_attempt(sl_exchange_t *x, sl_endpoint_t *ep, uint32_t idx) {
   ep->view.queued++;
   sl_forward_opts_t fo = {.client_ip = x->conn->peer, .request_id = x->request_id,
                           .preserve_host = x->pool->conf->preserve_host,
-                          .websocket = x->ws_upgrade};
+                          .websocket = x->ws_upgrade, .tls = x->conn->tls != NULL};
   sl_forward_request(&x->upreq, &x->conn->req, ep, &fo);
   x->attempt_ms = sl_worker_now(w);
   x->got_bytes = false;

@@ -5,6 +5,7 @@
 #include "io.h"
 #include "log.h"
 #include "telemetry.h"
+#include "tls.h"
 
 #include <arpa/inet.h>
 #include <stdio.h>
@@ -25,6 +26,7 @@ static const sl_config_t *cur_cfg(const sl_conn_t *c) { return c->w->gen->cfg; }
 
 static void conn_handle_closed(sl_conn_t *c) {
   if (--c->pending_close > 0) return;
+  sl_tls_free(c->tls);
   sl_http_req_free(&c->req);
   sl_buf_free(&c->in);
   sl_proxy_free(&c->x);
@@ -73,9 +75,27 @@ static void on_write_done(uv_stream_t *s, int status) {
   if (c->x.active && c->x.up_paused && queued <= SL_CLIENT_LWM) sl_proxy_client_drained(&c->x);
 }
 
+/* Sends what the TLS engine produced for the client (handshake, records, close_notify). */
+static int tls_flush(sl_conn_t *c, sl_write_cb cb) {
+  sl_buf_t out;
+  sl_buf_init(&out);
+  int rc = 0;
+  if (sl_tls_pending_out(c->tls, &out))
+    rc = sl_stream_write((uv_stream_t *)&c->tcp, out.data, out.len, cb);
+  sl_buf_free(&out);
+  return rc;
+}
+
 int sl_conn_writev(sl_conn_t *c, const uv_buf_t *bufs, unsigned n) {
   if (c->closing) return UV_ECANCELED;
-  int rc = sl_stream_writev((uv_stream_t *)&c->tcp, bufs, n, on_write_done);
+  int rc = 0;
+  if (c->tls) {
+    for (unsigned i = 0; i < n && rc == 0; i++)
+      if (sl_tls_write(c->tls, bufs[i].base, bufs[i].len) != 0) rc = UV_EPROTO;
+    if (rc == 0) rc = tls_flush(c, on_write_done);
+  } else {
+    rc = sl_stream_writev((uv_stream_t *)&c->tcp, bufs, n, on_write_done);
+  }
   if (rc < 0) {
     sl_conn_close(c);
     return rc;
@@ -120,6 +140,10 @@ static void conn_finish(sl_conn_t *c) {
   if (c->closing || c->state == SL_CONN_LINGER) return;
   c->state = SL_CONN_LINGER;
   c->close_after = false;
+  if (c->tls) { /* close_notify first, so the client can tell the end from a truncation */
+    sl_tls_shutdown(c->tls);
+    tls_flush(c, NULL);
+  }
   uv_shutdown_t *req = sl_malloc(sizeof(*req));
   req->data = c;
   if (uv_shutdown(req, (uv_stream_t *)&c->tcp, on_shutdown) != 0) {
@@ -137,9 +161,45 @@ static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf) {
   *buf = uv_buf_init(c->w->readbuf, sizeof(c->w->readbuf));
 }
 
+static void conn_input(sl_conn_t *c, const char *data, size_t n);
+
+/* Ciphertext from a TLS client: handshake, then plaintext into the usual input path. */
+static void tls_input(sl_conn_t *c, const char *data, size_t n) {
+  sl_tls_feed(c->tls, data, n);
+  if (!c->tls->handshake_done) {
+    int hs = sl_tls_handshake(c->tls);
+    if (tls_flush(c, NULL) < 0 || hs == SL_TLS_ERROR) {
+      char err[256];
+      sl_tls_error(c->tls, err, sizeof(err));
+      SL_DEBUG("client %s: TLS handshake failed: %s", c->peer, err);
+      sl_conn_close(c);
+      return;
+    }
+    if (hs == SL_TLS_WANT) return;
+  }
+  char plain[16 * 1024];
+  for (;;) {
+    int r = sl_tls_read(c->tls, plain, sizeof(plain));
+    if (c->closing) return;
+    if (tls_flush(c, NULL) < 0) r = SL_TLS_ERROR;
+    if (r == 0) return;
+    if (r < 0) { /* close_notify or a broken record: the client is gone */
+      if (c->state == SL_CONN_WS) sl_ws_client_read(c->x.ws, NULL, UV_EOF);
+      else sl_conn_close(c);
+      return;
+    }
+    conn_input(c, plain, (size_t)r);
+    if (c->closing || c->state == SL_CONN_LINGER) return;
+  }
+}
+
 static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
   sl_conn_t *c = s->data;
   if (n == 0) return;
+  if (n > 0 && c->tls) {
+    if (c->state != SL_CONN_LINGER) tls_input(c, buf->base, (size_t)n);
+    return;
+  }
   if (n < 0) {
     if (c->state == SL_CONN_WS) {
       sl_ws_client_read(c->x.ws, NULL, n); /* the session closes the upstream leg properly */
@@ -150,14 +210,18 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
     return;
   }
   if (c->state == SL_CONN_LINGER) return;
+  conn_input(c, buf->base, (size_t)n);
+}
+
+static void conn_input(sl_conn_t *c, const char *data, size_t n) {
   if (c->state == SL_CONN_WS) {
-    sl_ws_client_read(c->x.ws, buf->base, n);
+    sl_ws_client_read(c->x.ws, data, (ssize_t)n);
     return;
   }
-  sl_buf_append(&c->in, buf->base, (size_t)n);
+  sl_buf_append(&c->in, data, n);
   if (c->state == SL_CONN_BUSY) {
     if (c->in.len > SL_MAX_BUFFERED_INPUT) {
-      uv_read_stop(s);
+      uv_read_stop((uv_stream_t *)&c->tcp);
       c->reading = false;
     }
     return;
@@ -357,6 +421,7 @@ static void on_connection(uv_stream_t *server, int status) {
   sl_conn_t *c = sl_calloc(1, sizeof(*c));
   c->w = w;
   c->admin = l->admin;
+  if (l->tls_ctx) c->tls = sl_tls_server_new(l->tls_ctx);
   uv_tcp_init(w->loop, &c->tcp);
   uv_timer_init(w->loop, &c->timer);
   c->tcp.data = c->timer.data = c;
@@ -431,18 +496,49 @@ static int listen_one(sl_worker_t *w, const sl_listen_conf_t *lc, bool admin, ch
   return 0;
 }
 
+int sl_server_load_tls(sl_worker_t *w, const sl_config_t *cfg, char *err, size_t errlen) {
+  uint32_t n = SL_MIN(cfg->nlisten, w->nlisteners);
+  SSL_CTX *fresh[64] = {0};
+  if (n > SL_ARRAY_SIZE(fresh)) n = SL_ARRAY_SIZE(fresh);
+  for (uint32_t i = 0; i < n; i++) {
+    const sl_listen_conf_t *lc = &cfg->listen[i];
+    if (w->listeners[i].admin || !lc->tls_cert) continue;
+    char e[512];
+    fresh[i] = sl_tls_server_ctx(lc->tls_cert, lc->tls_key, e, sizeof(e));
+    if (!fresh[i]) {
+      for (uint32_t j = 0; j < i; j++)
+        if (fresh[j]) SSL_CTX_free(fresh[j]);
+      char path[64];
+      snprintf(path, sizeof(path), "listen[%u].tls", i + 1);
+      sl_config_error(w->L, cfg, path, e, err, errlen);
+      return -1;
+    }
+  }
+  for (uint32_t i = 0; i < n; i++) {
+    sl_listener_t *l = &w->listeners[i];
+    if (l->admin) continue;
+    if (l->tls_ctx) SSL_CTX_free(l->tls_ctx); /* open connections hold their own reference */
+    l->tls_ctx = fresh[i];
+  }
+  return 0;
+}
+
 int sl_server_listen(sl_worker_t *w, const sl_config_t *cfg, char *err, size_t errlen) {
   w->listeners = sl_calloc(cfg->nlisten + 1, sizeof(sl_listener_t));
   for (uint32_t i = 0; i < cfg->nlisten; i++) {
     int rc = listen_one(w, &cfg->listen[i], false, err, errlen);
     if (rc != 0) return rc;
   }
+  if (sl_server_load_tls(w, cfg, err, errlen) != 0) return UV_EINVAL;
   if (cfg->admin.addr) return listen_one(w, &cfg->admin, true, err, errlen);
   return 0;
 }
 
 static void on_listener_closed(uv_handle_t *h) {
-  sl_worker_t *w = ((sl_listener_t *)h->data)->w;
+  sl_listener_t *l = h->data;
+  if (l->tls_ctx) SSL_CTX_free(l->tls_ctx);
+  l->tls_ctx = NULL;
+  sl_worker_t *w = l->w;
   if (--w->nlisteners == 0) {
     free(w->listeners);
     w->listeners = NULL;

@@ -12,6 +12,7 @@
 typedef struct sl_listener {
   uv_tcp_t tcp;
   sl_worker_t *w;
+  struct ssl_ctx_st *tls_ctx; /* TLS termination (listen tls = { cert, key }), or NULL */
   bool admin; /* connections are answered by admin.c, not proxied */
 } sl_listener_t;
 
@@ -33,6 +34,7 @@ typedef struct sl_conn {
   sl_http_req_t req;
   sl_buf_t in; /* received, not yet parsed */
   sl_exchange_t x;
+  struct sl_tls *tls; /* accepted on a TLS listener */
   char peer[64]; /* client IP, for X-Forwarded-For */
   uint8_t state;
   uint8_t pending_close;
@@ -47,6 +49,10 @@ typedef struct sl_conn {
 /* The live connection with this serial, or NULL when it has closed meanwhile. */
 sl_conn_t *sl_server_find_conn(sl_worker_t *w, uint64_t serial);
 
+/* (Re)loads the certificates of the TLS listeners from cfg (on start and on every reload:
+ * new connections use the new ones, open connections keep theirs). Returns 0, or -1 with err
+ * naming the config key when a file cannot be loaded (nothing is changed then). */
+int sl_server_load_tls(sl_worker_t *w, const sl_config_t *cfg, char *err, size_t errlen);
 /* Starts listening on every configured address, and on the admin address when set. Returns 0
  * or a negative libuv error with err filled. */
 int sl_server_listen(sl_worker_t *w, const sl_config_t *cfg, char *err, size_t errlen);

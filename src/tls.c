@@ -5,6 +5,7 @@
 #include <openssl/x509v3.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* A session the server issued (TLS 1.3 sends them after the handshake): keep the newest. */
 static int on_new_session(SSL *ssl, SSL_SESSION *sess) {
@@ -39,27 +40,79 @@ SSL_CTX *sl_tls_client_ctx(const char *ca_file, bool verify, char *err, size_t e
   return ctx;
 }
 
-static bool is_ip(const char *host) {
-  unsigned char buf[16];
-  return inet_pton(AF_INET, host, buf) == 1 || inet_pton(AF_INET6, host, buf) == 1;
+static int on_alpn(SSL *ssl, const unsigned char **out, unsigned char *outlen,
+                   const unsigned char *in, unsigned int inlen, void *arg) {
+  static const unsigned char h11[] = {8, 'h', 't', 't', 'p', '/', '1', '.', '1'};
+  (void)ssl;
+  (void)arg;
+  if (SSL_select_next_proto((unsigned char **)out, outlen, h11, sizeof(h11), in, inlen) ==
+      OPENSSL_NPN_NEGOTIATED)
+    return SSL_TLSEXT_ERR_OK;
+  return SSL_TLSEXT_ERR_NOACK; /* no common protocol: go on without ALPN (HTTP/1.1 anyway) */
 }
 
-sl_tls_t *sl_tls_client_new(SSL_CTX *ctx, const char *host, SSL_SESSION **store) {
+SSL_CTX *sl_tls_server_ctx(const char *cert_file, const char *key_file, char *err, size_t errlen) {
+  SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
+  if (!ctx) {
+    snprintf(err, errlen, "TLS: cannot create a context");
+    return NULL;
+  }
+  SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+  SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_CIPHER_SERVER_PREFERENCE);
+  static const unsigned char sid[] = "sluice";
+  SSL_CTX_set_session_id_context(ctx, sid, sizeof(sid) - 1);
+  SSL_CTX_set_alpn_select_cb(ctx, on_alpn, NULL);
+  const char *what = NULL;
+  if (SSL_CTX_use_certificate_chain_file(ctx, cert_file) != 1) what = "certificate";
+  else if (SSL_CTX_use_PrivateKey_file(ctx, key_file, SSL_FILETYPE_PEM) != 1) what = "key";
+  else if (SSL_CTX_check_private_key(ctx) != 1) what = "key (it does not match the certificate)";
+  if (what) {
+    unsigned long e = ERR_get_error();
+    snprintf(err, errlen, "TLS: cannot load the %s from %s: %s", what,
+             strncmp(what, "certificate", 11) == 0 ? cert_file : key_file,
+             e ? ERR_reason_error_string(e) : "invalid");
+    ERR_clear_error();
+    SSL_CTX_free(ctx);
+    return NULL;
+  }
+  return ctx;
+}
+
+static sl_tls_t *tls_new(SSL_CTX *ctx) {
   sl_tls_t *t = sl_calloc(1, sizeof(*t));
   t->ssl = SSL_new(ctx);
   t->rbio = BIO_new(BIO_s_mem());
   t->wbio = BIO_new(BIO_s_mem());
   if (!t->ssl || !t->rbio || !t->wbio) {
     if (t->ssl) SSL_free(t->ssl);
-    else {
-      BIO_free(t->rbio);
-      BIO_free(t->wbio);
-    }
+    BIO_free(t->rbio);
+    BIO_free(t->wbio);
     free(t);
     return NULL;
   }
   BIO_set_mem_eof_return(t->rbio, -1); /* empty means "want more", not EOF */
   SSL_set_bio(t->ssl, t->rbio, t->wbio); /* the SSL owns both BIOs now */
+  return t;
+}
+
+sl_tls_t *sl_tls_server_new(SSL_CTX *ctx) {
+  sl_tls_t *t = tls_new(ctx);
+  if (t) SSL_set_accept_state(t->ssl);
+  return t;
+}
+
+void sl_tls_shutdown(sl_tls_t *t) {
+  if (t->handshake_done && !t->failed) SSL_shutdown(t->ssl);
+}
+
+static bool is_ip(const char *host) {
+  unsigned char buf[16];
+  return inet_pton(AF_INET, host, buf) == 1 || inet_pton(AF_INET6, host, buf) == 1;
+}
+
+sl_tls_t *sl_tls_client_new(SSL_CTX *ctx, const char *host, SSL_SESSION **store) {
+  sl_tls_t *t = tls_new(ctx);
+  if (!t) return NULL;
   SSL_set_connect_state(t->ssl);
   if (is_ip(host)) {
     X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(t->ssl), host);

@@ -19,6 +19,14 @@ typedef struct sl_tls {
  * `verify` is false. Returns NULL with err filled. */
 SSL_CTX *sl_tls_client_ctx(const char *ca_file, bool verify, char *err, size_t errlen);
 
+/* A server context for a listener: TLS 1.2+ with OpenSSL's default (modern) ciphers, the
+ * certificate chain and key from PEM files, ALPN http/1.1, no renegotiation. Returns NULL with
+ * err filled. */
+SSL_CTX *sl_tls_server_ctx(const char *cert_file, const char *key_file, char *err, size_t errlen);
+sl_tls_t *sl_tls_server_new(SSL_CTX *ctx);
+/* Starts a close_notify (its bytes are then in the write BIO). */
+void sl_tls_shutdown(sl_tls_t *t);
+
 /* A client connection to `host` (SNI unless host is an IP address; the certificate must
  * match host when the context verifies). *store (may hold NULL) is offered for resumption,
  * and new sessions the server issues on this connection replace it (store must outlive the
