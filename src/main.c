@@ -2,6 +2,7 @@
 #include "sluice.h"
 
 #include <getopt.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -98,6 +99,9 @@ int main(int argc, char **argv) {
   app_t a = {0};
   a.loop = uv_default_loop();
   sluice_new(a.loop, &a.s);
+  /* A client that resets its connection while we write is an error code, not a reason to die
+   * (libuv writes with write(2), which raises SIGPIPE). */
+  signal(SIGPIPE, SIG_IGN);
   /* Handlers first: a signal that arrives once "listening" is logged must drain, not kill. */
   uv_signal_init(a.loop, &a.sigint);
   uv_signal_init(a.loop, &a.sigterm);

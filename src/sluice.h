@@ -22,7 +22,9 @@ extern "C" {
 
 typedef struct sluice sluice_t;
 
-/* Creates an instance on `loop` (not owned). */
+/* Creates an instance on `loop` (not owned). The host must ignore SIGPIPE
+ * (signal(SIGPIPE, SIG_IGN)), as for any libuv program that writes to sockets: a peer that
+ * resets its connection during a write would otherwise kill the process. */
 int sluice_new(uv_loop_t *loop, sluice_t **out);
 
 /* Loads and validates a config file and the policies it names. Must precede sluice_start. */
