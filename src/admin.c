@@ -87,10 +87,13 @@ static void handle_cache(sl_conn_t *c) {
       return;
     }
     purged = cache ? sl_cache_purge_key(cache, &k) : 0;
+    sl_gateway_purge_others(c->w->gw, &k, NULL);
   } else if (query_param(r, "route", val, sizeof(val))) {
     purged = cache ? sl_cache_purge_tag(cache, val) : 0;
+    sl_gateway_purge_others(c->w->gw, NULL, val);
   } else if (r->url_len == r->path_len) {
     purged = cache ? sl_cache_purge_all(cache) : 0;
+    sl_gateway_purge_others(c->w->gw, NULL, NULL);
   } else {
     sl_conn_send_error(c, 400, "bad_request", "expected ?key=<hex>, ?route=<path> or nothing",
                        NULL, true);
@@ -108,12 +111,13 @@ typedef struct scrape {
   sl_worker_t *w;
   uint64_t conn;
   sl_buf_t out;
+  sl_metrics_t *regs[257]; /* every worker's; thread workers refresh their gauges themselves */
+  size_t nregs;
 } scrape_t;
 
 static void scrape_work(uv_work_t *req) {
   scrape_t *s = req->data;
-  sl_metrics_t *regs[1] = {s->w->tm->reg};
-  sl_metrics_render_opts(regs, 1, &s->out, false);
+  sl_metrics_render_opts(s->regs, s->nregs, &s->out, false);
 }
 
 static void scrape_done(uv_work_t *req, int status) {
@@ -134,6 +138,7 @@ static void handle_metrics(sl_conn_t *c) {
   s->conn = c->serial;
   s->req.data = s;
   sl_buf_init(&s->out);
+  s->nregs = sl_gateway_registries(c->w->gw, s->regs, SL_ARRAY_SIZE(s->regs));
   sl_metrics_collect(c->w->tm->reg);
   if (uv_queue_work(c->w->loop, &s->req, scrape_work, scrape_done) != 0) {
     scrape_work(&s->req); /* no thread pool: render here */

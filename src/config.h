@@ -95,7 +95,8 @@ typedef struct sl_listen_conf {
 } sl_listen_conf_t;
 
 typedef struct sl_config {
-  uint32_t refs;      /* the gateway's current config and each generation built from it */
+  uint32_t refs;      /* the gateway's current config and each generation built from it, in
+                         any worker thread: changed atomically */
   char *file;         /* path as given */
   char *dir;          /* directory of the file; relative paths are resolved against it */
   char *source;       /* file contents, so every worker builds from the same bytes */
@@ -133,11 +134,11 @@ void sl_config_error(lua_State *L, const sl_config_t *cfg, const char *path, con
 int sl_config_pool_index(const sl_config_t *cfg, const char *name);
 void sl_config_free(sl_config_t *cfg);
 static inline sl_config_t *sl_config_ref(sl_config_t *cfg) {
-  cfg->refs++;
+  __atomic_add_fetch(&cfg->refs, 1, __ATOMIC_RELAXED);
   return cfg;
 }
 static inline void sl_config_unref(sl_config_t *cfg) {
-  if (cfg && --cfg->refs == 0) sl_config_free(cfg);
+  if (cfg && __atomic_sub_fetch(&cfg->refs, 1, __ATOMIC_ACQ_REL) == 0) sl_config_free(cfg);
 }
 
 #endif

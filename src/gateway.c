@@ -14,6 +14,7 @@
 #include "server.h"
 #include "watch.h"
 #include "worker.h"
+#include "workers.h"
 
 #include <lauxlib.h>
 #include <stdio.h>
@@ -27,6 +28,7 @@ struct sluice {
   sl_worker_t *worker;
   bool started, stopping, stopped;
   sl_watch_t *watch;
+  sl_workers_t *workers; /* worker threads beyond the one on the host loop */
   void (*stop_done)(sluice_t *, void *);
   void *stop_arg;
   char error[2048];
@@ -56,7 +58,7 @@ const char *sluice_last_error(const sluice_t *s) { return s->error; }
 
 uint16_t sluice_port(const sluice_t *s) { return s->worker ? s->worker->bound_port : 0; }
 
-static sl_worker_t *worker_new(uv_loop_t *loop, char *err, size_t errlen) {
+sl_worker_t *sl_worker_create(uv_loop_t *loop, char *err, size_t errlen) {
   sl_worker_t *w = sl_calloc(1, sizeof(*w));
   w->loop = loop;
   sl_list_init(&w->endpoints);
@@ -82,7 +84,7 @@ static sl_worker_t *worker_new(uv_loop_t *loop, char *err, size_t errlen) {
 
 /* Frees the worker's Lua state and endpoints. Handles (listeners, connections, timers) must
  * already be closing. */
-static void worker_free(sl_worker_t *w) {
+void sl_worker_destroy(sl_worker_t *w) {
   if (w->gen) sl_gen_unref(w->gen);
   w->gen = NULL;
   /* Endpoints still referenced by nobody close their idle connections here; they are freed
@@ -104,7 +106,7 @@ int sluice_new(uv_loop_t *loop, sluice_t **out) {
  * and the error is in s->error. */
 /* Opens, reopens or closes the access log as cfg says. Relative paths are relative to the
  * config file's directory. */
-static int apply_access_log(sluice_t *s, sl_worker_t *w, const sl_config_t *cfg) {
+static int apply_access_log(sl_worker_t *w, const sl_config_t *cfg, char *err, size_t errlen) {
   char path[4096];
   const char *want = cfg->access_log;
   if (want && strcmp(want, "-") != 0 && want[0] != '/') {
@@ -114,34 +116,36 @@ static int apply_access_log(sluice_t *s, sl_worker_t *w, const sl_config_t *cfg)
   const char *have = w->alog ? sl_access_log_path(w->alog) : NULL;
   if ((!want && !have) || (want && have && strcmp(want, have) == 0)) return 0;
   sl_access_log_t *n = NULL;
-  if (want && !(n = sl_access_log_open(w->loop, want, s->error, sizeof(s->error))))
-    return SLUICE_ECONFIG;
+  if (want && !(n = sl_access_log_open(w->loop, want, err, errlen))) return SLUICE_ECONFIG;
   sl_access_log_close(w->alog);
   w->alog = n;
   return 0;
 }
 
-static int activate(sluice_t *s, sl_config_t *cfg) {
-  sl_worker_t *w = s->worker;
-  sl_gen_t *g = sl_gen_build(w, cfg, s->error, sizeof(s->error));
+int sl_worker_apply(sl_worker_t *w, sl_config_t *cfg, bool listening, char *err, size_t errlen) {
+  sl_gen_t *g = sl_gen_build(w, cfg, err, errlen);
   if (!g) return SLUICE_EPOLICY;
-  if (sl_gen_prepare_tls(g, s->error, sizeof(s->error)) != 0 ||
-      (s->started && sl_server_load_tls(w, cfg, s->error, sizeof(s->error)) != 0)) {
+  if (sl_gen_prepare_tls(g, err, errlen) != 0 ||
+      (listening && sl_server_load_tls(w, cfg, err, errlen) != 0) ||
+      apply_access_log(w, cfg, err, errlen) != 0) {
     sl_gen_unref(g); /* a failed reload changes nothing */
-    return SLUICE_ECONFIG;
-  }
-  if (apply_access_log(s, w, cfg) != 0) { /* a failed reload changes nothing */
-    sl_gen_unref(g);
     return SLUICE_ECONFIG;
   }
   sl_gen_t *old = w->gen;
   w->gen = g;
   sl_gen_activate(g);
   if (old) sl_gen_unref(old); /* in-flight requests hold their own references */
+  return 0;
+}
+
+static int activate(sluice_t *s, sl_config_t *cfg) {
+  int rc = sl_worker_apply(s->worker, cfg, s->started, s->error, sizeof(s->error));
+  if (rc != 0) return rc;
   sl_config_t *old_cfg = s->cfg;
   s->cfg = sl_config_ref(cfg);
   if (old_cfg) sl_config_unref(old_cfg);
   if (forced_log_level < 0) sl_log_level = cfg->log_level;
+  if (s->workers) sl_workers_reload(s->workers, cfg); /* the other threads follow */
   return 0;
 }
 
@@ -153,7 +157,7 @@ int sluice_load_file(sluice_t *s, const char *path) {
   sl_config_t *cfg = sl_config_load(path, s->error, sizeof(s->error));
   if (!cfg) return SLUICE_ECONFIG;
   if (!s->worker) {
-    s->worker = worker_new(s->loop, s->error, sizeof(s->error));
+    s->worker = sl_worker_create(s->loop, s->error, sizeof(s->error));
     if (!s->worker) {
       sl_config_unref(cfg);
       return SLUICE_EPOLICY;
@@ -216,6 +220,23 @@ int sl_gateway_reload(void *gateway, char *err, size_t errlen, unsigned long lon
   return 0;
 }
 
+size_t sl_gateway_registries(void *gateway, sl_metrics_t **out, size_t cap) {
+  sluice_t *s = gateway;
+  if (!cap) return 0;
+  out[0] = s->worker->tm->reg;
+  return 1 + sl_workers_registries(s->workers, out + 1, cap - 1);
+}
+
+void sl_gateway_purge_others(void *gateway, const void *key, const char *tag) {
+  sluice_t *s = gateway;
+  sl_workers_purge(s->workers, key, tag);
+}
+
+uint32_t sl_gateway_workers(void *gateway) {
+  sluice_t *s = gateway;
+  return 1 + sl_workers_count(s->workers);
+}
+
 uint64_t sluice_generation(const sluice_t *s) {
   return s->worker && s->worker->gen ? s->worker->gen->id : 0;
 }
@@ -231,7 +252,17 @@ int sluice_start(sluice_t *s) {
   /* Watch before listening: once "listening" is logged, a saved change must not be missed. */
   if (s->cfg->watch)
     s->watch = sl_watch_start(s->loop, s->cfg->file, s->cfg->policies_dir, 150, on_watch, s);
-  int rc = sl_server_listen(s->worker, s->cfg, s->error, sizeof(s->error));
+  int rc = sl_server_listen(s->worker, s->cfg, NULL, true, s->error, sizeof(s->error));
+  uint32_t n = s->cfg->workers ? s->cfg->workers : (uint32_t)uv_available_parallelism();
+  if (rc == 0 && n > 1) {
+    /* The other workers bind the ports the first one got (a configured port 0 included). */
+    uint16_t ports[256];
+    for (uint32_t i = 0; i < s->cfg->nlisten && i < SL_ARRAY_SIZE(ports); i++)
+      ports[i] = sl_server_listener_port(s->worker, i);
+    s->workers = sl_workers_start(n - 1, s->cfg, ports, s->error, sizeof(s->error));
+    if (!s->workers) rc = SLUICE_ELISTEN;
+    else SL_INFO("%u workers", n);
+  }
   if (rc != 0) {
     sl_watch_stop(s->watch);
     s->watch = NULL;
@@ -243,7 +274,15 @@ int sluice_start(sluice_t *s) {
 
 static void on_drain_timer_closed(uv_handle_t *h) {
   sl_worker_t *w = h->data;
+  if (w->on_stopped) w->on_stopped(w);
+}
+
+/* The host-loop worker has stopped: wait for the worker threads (draining in parallel, with
+ * the same bound), then tell the host. */
+static void main_stopped(sl_worker_t *w) {
   sluice_t *s = (sluice_t *)w->gw;
+  sl_workers_join(s->workers);
+  s->workers = NULL;
   s->stopped = true;
   if (s->stop_done) s->stop_done(s, s->stop_arg);
 }
@@ -278,16 +317,21 @@ int sluice_stop(sluice_t *s, void (*done)(sluice_t *, void *), void *arg) {
   s->watch = NULL;
   s->stop_done = done;
   s->stop_arg = arg;
-  sl_worker_t *w = s->worker;
+  s->worker->on_stopped = main_stopped;
+  sl_workers_stop(s->workers);
+  sl_worker_drain(s->worker, s->cfg->drain_timeout_ms);
+  return 0;
+}
+
+void sl_worker_drain(sl_worker_t *w, uint32_t timeout_ms) {
   w->draining = true;
   sl_server_drain(w);
   if (w->nconns == 0) {
     finish_stop(w);
   } else {
-    SL_INFO("draining %u connection(s), up to %u ms", w->nconns, s->cfg->drain_timeout_ms);
-    uv_timer_start(&w->drain_timer, on_drain_timeout, s->cfg->drain_timeout_ms, 0);
+    SL_INFO("draining %u connection(s), up to %u ms", w->nconns, timeout_ms);
+    uv_timer_start(&w->drain_timer, on_drain_timeout, timeout_ms, 0);
   }
-  return 0;
 }
 
 void sluice_free(sluice_t *s) {
@@ -305,7 +349,7 @@ void sluice_free(sluice_t *s) {
       sl_admission_close(s->worker);
       sl_close_handle((uv_handle_t *)&s->worker->drain_timer, NULL);
     }
-    worker_free(s->worker);
+    sl_worker_destroy(s->worker);
   }
   sl_config_unref(s->cfg);
   free(s);
@@ -317,7 +361,7 @@ int sluice_check_file(const char *path, char *err, size_t errlen) {
   uv_loop_t loop;
   uv_loop_init(&loop);
   int rc = 0;
-  sl_worker_t *w = worker_new(&loop, err, errlen);
+  sl_worker_t *w = sl_worker_create(&loop, err, errlen);
   if (!w) {
     rc = SLUICE_EPOLICY;
   } else {
@@ -340,7 +384,7 @@ int sluice_check_file(const char *path, char *err, size_t errlen) {
     }
     sl_admission_close(w);
     sl_close_handle((uv_handle_t *)&w->drain_timer, NULL);
-    worker_free(w);
+    sl_worker_destroy(w);
   }
   uv_run(&loop, UV_RUN_DEFAULT);
   uv_loop_close(&loop);

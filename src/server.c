@@ -452,11 +452,12 @@ static void on_connection(uv_stream_t *server, int status) {
   start_reading(c);
 }
 
-static int listen_one(sl_worker_t *w, const sl_listen_conf_t *lc, bool admin, char *err,
-                      size_t errlen) {
+static int listen_one(sl_worker_t *w, const sl_listen_conf_t *lc, uint16_t port, bool admin,
+                      bool reuseport, char *err, size_t errlen) {
   struct sockaddr_storage ss;
-  int rc = strchr(lc->host, ':') ? uv_ip6_addr(lc->host, lc->port, (struct sockaddr_in6 *)&ss)
-                                 : uv_ip4_addr(lc->host, lc->port, (struct sockaddr_in *)&ss);
+  bool v6 = strchr(lc->host, ':') != NULL;
+  int rc = v6 ? uv_ip6_addr(lc->host, port, (struct sockaddr_in6 *)&ss)
+              : uv_ip4_addr(lc->host, port, (struct sockaddr_in *)&ss);
   if (rc != 0) {
     snprintf(err, errlen, "listen on %s: invalid address", lc->addr);
     return rc;
@@ -464,8 +465,14 @@ static int listen_one(sl_worker_t *w, const sl_listen_conf_t *lc, bool admin, ch
   sl_listener_t *l = &w->listeners[w->nlisteners++];
   l->w = w;
   l->admin = admin;
-  uv_tcp_init(w->loop, &l->tcp);
+  uv_tcp_init_ex(w->loop, &l->tcp, v6 ? AF_INET6 : AF_INET);
   l->tcp.data = l;
+  if (reuseport) { /* every worker listens on the address; the kernel spreads connections */
+    uv_os_fd_t fd;
+    int one = 1;
+    if (uv_fileno((uv_handle_t *)&l->tcp, &fd) == 0)
+      setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
+  }
   rc = uv_tcp_bind(&l->tcp, (struct sockaddr *)&ss, 0);
   if (rc == 0) rc = uv_listen((uv_stream_t *)&l->tcp, 1024, on_connection);
   if (rc != 0) {
@@ -476,7 +483,6 @@ static int listen_one(sl_worker_t *w, const sl_listen_conf_t *lc, bool admin, ch
   struct sockaddr_storage bound;
   int blen = sizeof(bound);
   char name[64] = "?";
-  uint16_t port = lc->port;
   if (uv_tcp_getsockname(&l->tcp, (struct sockaddr *)&bound, &blen) == 0) {
     if (bound.ss_family == AF_INET6) {
       uv_ip6_name((struct sockaddr_in6 *)&bound, name, sizeof(name));
@@ -491,7 +497,8 @@ static int listen_one(sl_worker_t *w, const sl_listen_conf_t *lc, bool admin, ch
     SL_INFO("admin listening on %s:%u", name, port);
   } else {
     if (w->nlisteners == 1) w->bound_port = port;
-    SL_INFO("listening on %s:%u", name, port);
+    if (w->index == 0) SL_INFO("listening on %s:%u", name, port);
+    else SL_DEBUG("worker %u listening on %s:%u", w->index, name, port);
   }
   return 0;
 }
@@ -523,15 +530,27 @@ int sl_server_load_tls(sl_worker_t *w, const sl_config_t *cfg, char *err, size_t
   return 0;
 }
 
-int sl_server_listen(sl_worker_t *w, const sl_config_t *cfg, char *err, size_t errlen) {
+int sl_server_listen(sl_worker_t *w, const sl_config_t *cfg, const uint16_t *ports, bool admin,
+                     char *err, size_t errlen) {
   w->listeners = sl_calloc(cfg->nlisten + 1, sizeof(sl_listener_t));
+  bool reuseport = cfg->workers != 1;
   for (uint32_t i = 0; i < cfg->nlisten; i++) {
-    int rc = listen_one(w, &cfg->listen[i], false, err, errlen);
+    uint16_t port = ports ? ports[i] : cfg->listen[i].port;
+    int rc = listen_one(w, &cfg->listen[i], port, false, reuseport, err, errlen);
     if (rc != 0) return rc;
   }
   if (sl_server_load_tls(w, cfg, err, errlen) != 0) return UV_EINVAL;
-  if (cfg->admin.addr) return listen_one(w, &cfg->admin, true, err, errlen);
+  if (admin && cfg->admin.addr) return listen_one(w, &cfg->admin, cfg->admin.port, true, false, err, errlen);
   return 0;
+}
+
+uint16_t sl_server_listener_port(const sl_worker_t *w, uint32_t i) {
+  struct sockaddr_storage ss;
+  int len = sizeof(ss);
+  if (i >= w->nlisteners || uv_tcp_getsockname(&w->listeners[i].tcp, (struct sockaddr *)&ss, &len))
+    return 0;
+  return ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
+                                        : ((struct sockaddr_in *)&ss)->sin_port);
 }
 
 static void on_listener_closed(uv_handle_t *h) {

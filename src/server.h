@@ -55,7 +55,10 @@ sl_conn_t *sl_server_find_conn(sl_worker_t *w, uint64_t serial);
 int sl_server_load_tls(sl_worker_t *w, const sl_config_t *cfg, char *err, size_t errlen);
 /* Starts listening on every configured address, and on the admin address when set. Returns 0
  * or a negative libuv error with err filled. */
-int sl_server_listen(sl_worker_t *w, const sl_config_t *cfg, char *err, size_t errlen);
+int sl_server_listen(sl_worker_t *w, const sl_config_t *cfg, const uint16_t *ports, bool admin,
+                     char *err, size_t errlen);
+/* The port listener i is bound to (what a configured port 0 became). */
+uint16_t sl_server_listener_port(const sl_worker_t *w, uint32_t i);
 /* Stops accepting, closes idle connections, lets busy ones finish (they close after their
  * response). */
 void sl_server_drain(sl_worker_t *w);

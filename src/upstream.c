@@ -8,7 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-static char tls_error[256]; /* per thread once workers are threads: see sl_upconn_tls_error */
+static _Thread_local char tls_error[256]; /* per worker thread: see sl_upconn_tls_error */
 
 static void on_handle_closed(uv_handle_t *h) {
   sl_upconn_t *u = h->data;

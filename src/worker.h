@@ -87,6 +87,8 @@ typedef struct sl_worker {
   sl_list_t cache_fills[64]; /* cache misses in flight, by key, for coalescing */
 
   uint64_t rng[2];
+  uint32_t index;    /* 0: the worker on the host's loop (admin, signals); 1..: threads */
+  void (*on_stopped)(struct sl_worker *w); /* drained and every handle closing */
   bool draining;
   uv_timer_t drain_timer;
   sl_worker_stats_t stats;
@@ -111,6 +113,16 @@ int sl_gen_prepare_tls(sl_gen_t *g, char *err, size_t errlen);
 /* Applies per-pool endpoint settings (weight, max_inflight, keep-alive) of a new current
  * generation. */
 void sl_gen_activate(sl_gen_t *g);
+/* Defined by the gateway: a worker with its Lua VM and telemetry (no generation yet), freed
+ * with sl_worker_destroy once its handles are closed. */
+sl_worker_t *sl_worker_create(uv_loop_t *loop, char *err, size_t errlen);
+void sl_worker_destroy(sl_worker_t *w);
+/* Builds a generation for cfg and makes it current (TLS contexts, access log); on failure
+ * the running one stays. `listening`: listener certificates are reloaded too. */
+int sl_worker_apply(sl_worker_t *w, sl_config_t *cfg, bool listening, char *err, size_t errlen);
+/* Stops accepting and finishes in-flight work within timeout_ms; then closes the worker's
+ * handles and calls w->on_stopped. */
+void sl_worker_drain(sl_worker_t *w, uint32_t timeout_ms);
 /* A client connection finished closing (drain bookkeeping; defined by the gateway). */
 void sl_worker_conn_gone(sl_worker_t *w);
 
