@@ -175,7 +175,8 @@ int sluice_load_file(sluice_t *s, const char *path) {
 static void warn_restart_only(const sl_config_t *old, const sl_config_t *cfg) {
   bool same_listen = old->nlisten == cfg->nlisten;
   for (uint32_t i = 0; same_listen && i < cfg->nlisten; i++)
-    same_listen = strcmp(old->listen[i].addr, cfg->listen[i].addr) == 0;
+    same_listen = strcmp(old->listen[i].addr, cfg->listen[i].addr) == 0 &&
+                  (old->listen[i].tls_cert != NULL) == (cfg->listen[i].tls_cert != NULL);
   if (!same_listen) SL_WARN("reload: listen changed; takes effect after a restart");
   if ((old->admin.addr == NULL) != (cfg->admin.addr == NULL) ||
       (cfg->admin.addr && strcmp(old->admin.addr, cfg->admin.addr) != 0))

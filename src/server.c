@@ -21,6 +21,7 @@
 
 static void conn_process(sl_conn_t *c);
 static void conn_finish(sl_conn_t *c);
+static int tls_flush(sl_conn_t *c, sl_write_cb cb);
 
 static const sl_config_t *cur_cfg(const sl_conn_t *c) { return c->w->gen->cfg; }
 
@@ -42,6 +43,13 @@ static void on_exchange_timer_closed(uv_handle_t *h) {
 
 void sl_conn_close(sl_conn_t *c) {
   if (c->closing) return;
+  /* Between requests a TLS connection ends with close_notify (RFC 8446 6.1), best effort:
+   * mid-response it must not, or a truncated response would look complete. */
+  if (c->tls && c->tls->handshake_done && !c->x.active &&
+      (c->state == SL_CONN_IDLE || c->state == SL_CONN_READING || c->state == SL_CONN_LINGER)) {
+    sl_tls_shutdown(c->tls);
+    tls_flush(c, NULL);
+  }
   c->closing = true;
   if (c->x.active) sl_proxy_abort(&c->x);
   sl_list_remove(&c->link);
@@ -503,13 +511,22 @@ static int listen_one(sl_worker_t *w, const sl_listen_conf_t *lc, uint16_t port,
   return 0;
 }
 
-int sl_server_load_tls(sl_worker_t *w, const sl_config_t *cfg, char *err, size_t errlen) {
+static int load_tls(sl_worker_t *w, const sl_config_t *cfg, bool initial, char *err,
+                    size_t errlen) {
   uint32_t n = SL_MIN(cfg->nlisten, w->nlisteners);
   SSL_CTX *fresh[64] = {0};
+  bool keep[64] = {0};
   if (n > SL_ARRAY_SIZE(fresh)) n = SL_ARRAY_SIZE(fresh);
   for (uint32_t i = 0; i < n; i++) {
     const sl_listen_conf_t *lc = &cfg->listen[i];
-    if (w->listeners[i].admin || !lc->tls_cert) continue;
+    if (w->listeners[i].admin) continue;
+    if (!initial && (lc->tls_cert != NULL) != (w->listeners[i].tls_ctx != NULL)) {
+      /* Turning TLS on or off changes what a port speaks: like any listen change, it waits
+       * for a restart (the gateway warns). */
+      keep[i] = true;
+      continue;
+    }
+    if (!lc->tls_cert) continue;
     char e[512];
     fresh[i] = sl_tls_server_ctx(lc->tls_cert, lc->tls_key, e, sizeof(e));
     if (!fresh[i]) {
@@ -523,11 +540,15 @@ int sl_server_load_tls(sl_worker_t *w, const sl_config_t *cfg, char *err, size_t
   }
   for (uint32_t i = 0; i < n; i++) {
     sl_listener_t *l = &w->listeners[i];
-    if (l->admin) continue;
+    if (l->admin || keep[i]) continue;
     if (l->tls_ctx) SSL_CTX_free(l->tls_ctx); /* open connections hold their own reference */
     l->tls_ctx = fresh[i];
   }
   return 0;
+}
+
+int sl_server_load_tls(sl_worker_t *w, const sl_config_t *cfg, char *err, size_t errlen) {
+  return load_tls(w, cfg, false, err, errlen);
 }
 
 int sl_server_listen(sl_worker_t *w, const sl_config_t *cfg, const uint16_t *ports, bool admin,
@@ -539,7 +560,7 @@ int sl_server_listen(sl_worker_t *w, const sl_config_t *cfg, const uint16_t *por
     int rc = listen_one(w, &cfg->listen[i], port, false, reuseport, err, errlen);
     if (rc != 0) return rc;
   }
-  if (sl_server_load_tls(w, cfg, err, errlen) != 0) return UV_EINVAL;
+  if (load_tls(w, cfg, true, err, errlen) != 0) return UV_EINVAL;
   if (admin && cfg->admin.addr) return listen_one(w, &cfg->admin, cfg->admin.port, true, false, err, errlen);
   return 0;
 }
