@@ -163,8 +163,8 @@ static void handle_status(sl_conn_t *c) {
   sl_buf_appendf(&b, "{\"version\":\"%s\",\"generation\":%llu,\"config\":", sluice_version(),
                  (unsigned long long)g->id);
   json_str(&b, g->cfg->file);
-  sl_buf_appendf(&b, ",\"connections\":%u,\"draining\":%s,\"pools\":[", w->nconns,
-                 w->draining ? "true" : "false");
+  sl_buf_appendf(&b, ",\"workers\":%u,\"connections\":%u,\"draining\":%s,\"pools\":[",
+                 sl_gateway_workers(w->gw), w->nconns, w->draining ? "true" : "false");
   for (uint32_t i = 0; i < g->cfg->npools; i++) {
     const sl_pool_t *p = &g->pools[i];
     if (i) sl_buf_append(&b, ",", 1);
