@@ -154,9 +154,23 @@ static void json_str(sl_buf_t *b, const char *s) {
   sl_buf_append(b, "\"", 1);
 }
 
-/* GET /status: the live state an operator looks at during an incident. */
+/* A live figure of the other workers, summed from the gauges their collectors publish. */
+static double others(sl_metrics_t **regs, size_t n, const char *metric, const char *pool,
+                     const char *url) {
+  const char *labels[2] = {pool, url};
+  double sum = 0, v;
+  for (size_t i = 1; i < n; i++)
+    if (sl_metrics_value(regs[i], metric, labels, &v)) sum += v;
+  return sum;
+}
+
+/* GET /status: the live state an operator looks at during an incident. With several workers
+ * the in-flight and queue figures are summed over all of them (the other workers' as of their
+ * last collection, at most 500 ms old); the rest is the admin's own worker's view. */
 static void handle_status(sl_conn_t *c) {
   sl_worker_t *w = c->w;
+  sl_metrics_t *regs[257];
+  size_t nregs = sl_gateway_registries(w->gw, regs, SL_ARRAY_SIZE(regs));
   const sl_gen_t *g = w->gen;
   sl_buf_t b;
   sl_buf_init(&b);
@@ -172,10 +186,12 @@ static void handle_status(sl_conn_t *c) {
     json_str(&b, p->conf->name);
     sl_buf_appends(&b, ",\"balancer\":");
     json_str(&b, p->conf->balancer);
+    const char *pn = p->conf->name;
     sl_buf_appendf(&b, ",\"active\":%d,\"queued\":%d,\"retrying\":%d,\"ejected\":%d,"
                        "\"queue_max\":%u,\"fallback\":",
-                   p->view.active, p->view.queued, p->view.retrying, p->view.ejected,
-                   p->conf->queue_max);
+                   p->view.active + (int)others(regs, nregs, "sluice_pool_inflight", pn, NULL),
+                   p->view.queued + (int)others(regs, nregs, "sluice_pool_queued", pn, NULL),
+                   p->view.retrying, p->view.ejected, p->conf->queue_max);
     if (p->conf->fallback) json_str(&b, p->conf->fallback);
     else sl_buf_appends(&b, "null");
     sl_buf_appends(&b, ",\"endpoints\":[");
@@ -189,7 +205,11 @@ static void handle_status(sl_conn_t *c) {
                          "\"available\":%s,\"ewma_ms\":%.3f,\"reported_load\":%.3f,"
                          "\"successes\":%lld,\"failures\":%lld,\"breaker\":\"%s\","
                          "\"consecutive_failures\":%d,\"ejections\":%d,\"idle_connections\":%u}",
-                     v->inflight, v->max_inflight, v->queued, v->weight,
+                     v->inflight + (int)others(regs, nregs, "sluice_endpoint_inflight", pn,
+                                               p->conf->endpoints[j].url),
+                     v->max_inflight, v->queued + (int)others(regs, nregs, "sluice_endpoint_queued",
+                                                            pn, p->conf->endpoints[j].url),
+                     v->weight,
                      v->available ? "true" : "false", v->ewma_ms, v->reported_load,
                      (long long)v->successes, (long long)v->fails,
                      v->state >= 0 && v->state < 3 ? STATE_NAMES[v->state] : "unknown",

@@ -269,6 +269,35 @@ static void table_grow(sl_mfamily_t *f) {
   f->tabsize = size;
 }
 
+bool sl_metrics_value(sl_metrics_t *m, const char *name, const char *const *label_values,
+                      double *out) {
+  sl_metrics_lock(m);
+  bool found = false;
+  size_t i = family_find(m, name, &found);
+  bool ok = false;
+  if (found) {
+    sl_mfamily_t *f = m->fams[i];
+    sl_buf_t key;
+    sl_buf_init(&key);
+    for (size_t j = 0; j < f->nlabels; j++) {
+      if (j) sl_buf_append(&key, ",", 1);
+      sl_buf_appends(&key, f->labels[j]);
+      sl_buf_append(&key, "=\"", 2);
+      append_label_value(&key, label_values && label_values[j] ? label_values[j] : "");
+      sl_buf_append(&key, "\"", 1);
+    }
+    uint64_t hash = fnv1a(key.data ? key.data : "", key.len);
+    for (sl_mseries_t *s = f->tab[hash & (f->tabsize - 1)]; s && !ok; s = s->hnext)
+      if (s->hash == hash && s->labels_len == key.len && !memcmp(s->labels, key.data, key.len)) {
+        *out = sl_m_get(s);
+        ok = true;
+      }
+    sl_buf_free(&key);
+  }
+  sl_metrics_unlock(m);
+  return ok;
+}
+
 sl_mseries_t *sl_mfamily_series(sl_mfamily_t *f, const char *const *label_values) {
   sl_buf_t key;
   sl_buf_init(&key);

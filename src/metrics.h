@@ -98,6 +98,10 @@ void sl_mfamily_set_merge(sl_mfamily_t *f, sl_metric_merge_t how);
  * reference, creating it at zero if needed. Returns NULL only when the family already holds
  * SL_M_MAX_SERIES series. */
 sl_mseries_t *sl_mfamily_series(sl_mfamily_t *f, const char *const *label_values);
+/* Reads the current value of an existing counter or gauge series (no series is created).
+ * Returns false when the family or series does not exist. Any thread. */
+bool sl_metrics_value(sl_metrics_t *m, const char *name, const char *const *label_values,
+                      double *out);
 /* Another reference to a series the caller already holds. */
 void sl_mseries_acquire(sl_mseries_t *s);
 /* Drops a reference; the last one removes the series from the registry and frees it. NULL is

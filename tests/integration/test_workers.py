@@ -3,6 +3,7 @@ ports (SO_REUSEPORT). A reload reaches every worker; /metrics sums them; SIGTERM
 
 import os
 import re
+import socket
 import sys
 import threading
 import unittest
@@ -85,6 +86,23 @@ class WorkersTest(h.SluiceTestCase):
         seen = sum(int(h.http_request(u.port, "GET", "/stats")[2].split(b'"requests":')[1].split(b",")[0])
                    for u in (self.up1, self.up2))
         self.assertGreaterEqual(seen, sent)
+
+    def test_status_sums_inflight_over_workers(self):
+        import json
+        conns = []
+        for i in range(6):  # on separate connections, so both workers get some
+            c = socket.create_connection(("127.0.0.1", self.s.port), timeout=10)
+            c.sendall(b"GET /echo/slow%d HTTP/1.1\r\nHost: x\r\nx-mock-delay-ms: 3000\r\n\r\n" % i)
+            conns.append(c)
+
+        def inflight():
+            body = h.http_request(self.admin, "GET", "/status")[2]
+            pool = json.loads(body)["pools"][0]
+            return pool["active"], sum(e["inflight"] for e in pool["endpoints"])
+
+        h.wait_for(lambda: inflight() == (6, 6), 5, what="6 requests in flight over both workers")
+        for c in conns:
+            c.close()
 
     def test_both_workers_listen_on_the_port(self):
         # SO_REUSEPORT: the port is bound by one socket per worker
