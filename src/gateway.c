@@ -106,7 +106,10 @@ int sluice_new(uv_loop_t *loop, sluice_t **out) {
  * and the error is in s->error. */
 /* Opens, reopens or closes the access log as cfg says. Relative paths are relative to the
  * config file's directory. */
-static int apply_access_log(sl_worker_t *w, const sl_config_t *cfg, char *err, size_t errlen) {
+/* Opens the access log cfg asks for when it differs from the current one (*change set; *out
+ * is the new log, NULL for none). Nothing is swapped yet. */
+static int open_access_log(sl_worker_t *w, const sl_config_t *cfg, sl_access_log_t **out,
+                           bool *change, char *err, size_t errlen) {
   char path[4096];
   const char *want = cfg->access_log;
   if (want && strcmp(want, "-") != 0 && want[0] != '/') {
@@ -114,22 +117,32 @@ static int apply_access_log(sl_worker_t *w, const sl_config_t *cfg, char *err, s
     want = path;
   }
   const char *have = w->alog ? sl_access_log_path(w->alog) : NULL;
-  if ((!want && !have) || (want && have && strcmp(want, have) == 0)) return 0;
-  sl_access_log_t *n = NULL;
-  if (want && !(n = sl_access_log_open(w->loop, want, err, errlen))) return SLUICE_ECONFIG;
-  sl_access_log_close(w->alog);
-  w->alog = n;
+  *out = NULL;
+  *change = !((!want && !have) || (want && have && strcmp(want, have) == 0));
+  if (*change && want && !(*out = sl_access_log_open(w->loop, want, err, errlen)))
+    return SLUICE_ECONFIG;
   return 0;
 }
 
 int sl_worker_apply(sl_worker_t *w, sl_config_t *cfg, bool listening, char *err, size_t errlen) {
   sl_gen_t *g = sl_gen_build(w, cfg, err, errlen);
   if (!g) return SLUICE_EPOLICY;
+  /* Everything that can fail comes first: a refused reload changes nothing. */
+  sl_access_log_t *alog = NULL;
+  bool alog_change = false;
   if (sl_gen_prepare_tls(g, err, errlen) != 0 ||
-      (listening && sl_server_load_tls(w, cfg, err, errlen) != 0) ||
-      apply_access_log(w, cfg, err, errlen) != 0) {
-    sl_gen_unref(g); /* a failed reload changes nothing */
+      open_access_log(w, cfg, &alog, &alog_change, err, errlen) != 0) {
+    sl_gen_unref(g);
     return SLUICE_ECONFIG;
+  }
+  if (listening && sl_server_load_tls(w, cfg, err, errlen) != 0) { /* all or nothing itself */
+    sl_access_log_close(alog);
+    sl_gen_unref(g);
+    return SLUICE_ECONFIG;
+  }
+  if (alog_change) {
+    sl_access_log_close(w->alog);
+    w->alog = alog;
   }
   sl_gen_t *old = w->gen;
   w->gen = g;

@@ -81,7 +81,9 @@ static void tls_read(sl_upconn_t *u, const char *data, size_t n) {
       return;
     }
     u->ops->read(u->ctx, u, plain, r);
-    if (u->closing || !u->ops || !u->tls) return;
+    /* Released to the pool by that read: records after the response (close_notify, bytes
+     * nobody asked for) must still be seen, or the next request would meet them. */
+    if (u->closing || !u->tls) return;
   }
 }
 

@@ -30,8 +30,11 @@ void sl_worker_request_id(sl_worker_t *w, char out[33]) {
   out[32] = 0;
 }
 
+static void free_tls_changes(sl_gen_t *g);
+
 static void free_pools(sl_gen_t *g) {
   lua_State *L = g->worker->L;
+  free_tls_changes(g);
   sl_telemetry_gen_free(g);
   for (uint32_t i = 0; g->pools && i < g->cfg->npools; i++) {
     sl_pool_t *p = &g->pools[i];
@@ -199,24 +202,30 @@ fail:
 /* Endpoint settings that come from pools, applied when a generation becomes current. An
  * endpoint listed by several pools is one upstream instance with one queue, so its settings
  * are merged: the tightest max_inflight, the most idle connections, the shortest idle time. */
-/* The TLS client context of an https/wss endpoint, rebuilt when its pools' settings change.
- * An endpoint shared by pools takes the strictest: verification if any pool verifies. */
-static int endpoint_tls(sl_endpoint_t *ep, const char *ca, bool verify, char *err, size_t errlen) {
-  bool same = ep->tls_ctx && ep->tls_verify == verify &&
-              ((!ca && !ep->tls_ca) || (ca && ep->tls_ca && !strcmp(ca, ep->tls_ca)));
-  if (same) return 0;
-  SSL_CTX *ctx = sl_tls_client_ctx(ca, verify, err, errlen);
-  if (!ctx) return -1;
-  if (ep->tls_ctx) SSL_CTX_free(ep->tls_ctx); /* live connections keep their own reference */
-  if (ep->tls_session) SSL_SESSION_free(ep->tls_session);
-  ep->tls_session = NULL;
-  ep->tls_ctx = ctx;
-  free(ep->tls_ca);
-  ep->tls_ca = ca ? sl_strdup(ca) : NULL;
-  ep->tls_verify = verify;
-  if (!verify)
-    SL_WARN("TLS certificate verification is OFF for %s (tls.verify = false)", ep->url);
-  return 0;
+/* TLS client contexts of a generation's https/wss endpoints, built before anything changes
+ * (so a refused reload leaves the running settings alone) and swapped in on activation. An
+ * endpoint shared by pools takes the strictest settings: verification if any pool verifies. */
+typedef struct tls_change {
+  sl_endpoint_t *ep;
+  SSL_CTX *ctx;
+  char *ca;
+  bool verify;
+} tls_change_t;
+
+static bool same_tls(const sl_endpoint_t *ep, const char *ca, bool verify) {
+  return ep->tls_ctx && ep->tls_verify == verify &&
+         ((!ca && !ep->tls_ca) || (ca && ep->tls_ca && !strcmp(ca, ep->tls_ca)));
+}
+
+static void free_tls_changes(sl_gen_t *g) {
+  tls_change_t *c = g->tls_changes;
+  for (uint32_t i = 0; c && i < g->ntls_changes; i++) {
+    if (c[i].ctx) SSL_CTX_free(c[i].ctx);
+    free(c[i].ca);
+  }
+  free(c);
+  g->tls_changes = NULL;
+  g->ntls_changes = 0;
 }
 
 int sl_gen_prepare_tls(sl_gen_t *g, char *err, size_t errlen) {
@@ -225,7 +234,7 @@ int sl_gen_prepare_tls(sl_gen_t *g, char *err, size_t errlen) {
     for (uint32_t j = 0; j < p->n; j++) {
       sl_endpoint_t *ep = p->eps[j];
       if (!ep->tls) continue;
-      bool verify = p->conf->tls_verify;
+      bool verify = p->conf->tls_verify, seen = false;
       const char *ca = p->conf->tls_ca;
       for (uint32_t k = 0; k < g->cfg->npools; k++) /* another pool naming it may verify */
         for (uint32_t m = 0; m < g->pools[k].n; m++)
@@ -233,20 +242,51 @@ int sl_gen_prepare_tls(sl_gen_t *g, char *err, size_t errlen) {
             verify = true;
             if (!ca) ca = g->pools[k].conf->tls_ca;
           }
+      tls_change_t *c = g->tls_changes;
+      for (uint32_t k = 0; k < g->ntls_changes && !seen; k++) seen = c[k].ep == ep;
+      if (seen || same_tls(ep, ca, verify)) continue;
       char e[512];
-      if (endpoint_tls(ep, ca, verify, e, sizeof(e)) != 0) {
+      SSL_CTX *ctx = sl_tls_client_ctx(ca, verify, e, sizeof(e));
+      if (!ctx) {
         char path[300];
         snprintf(path, sizeof(path), "pools.%s.tls.ca", p->conf->name);
         sl_config_error(g->worker->L, g->cfg, path, e, err, errlen);
+        free_tls_changes(g);
         return -1;
       }
+      g->tls_changes = sl_realloc(g->tls_changes, (g->ntls_changes + 1) * sizeof(tls_change_t));
+      g->tls_changes[g->ntls_changes++] = (tls_change_t){ep, ctx, ca ? sl_strdup(ca) : NULL, verify};
     }
   }
   return 0;
 }
 
+/* Swaps in what sl_gen_prepare_tls built. Idle connections made under the old settings are
+ * closed: one opened without verification must not serve a pool that now verifies. */
+static void commit_tls(sl_gen_t *g) {
+  tls_change_t *c = g->tls_changes;
+  for (uint32_t i = 0; i < g->ntls_changes; i++) {
+    sl_endpoint_t *ep = c[i].ep;
+    bool had = ep->tls_ctx != NULL;
+    if (ep->tls_ctx) SSL_CTX_free(ep->tls_ctx); /* live connections keep their own reference */
+    if (ep->tls_session) SSL_SESSION_free(ep->tls_session);
+    ep->tls_session = NULL;
+    ep->tls_ctx = c[i].ctx;
+    free(ep->tls_ca);
+    ep->tls_ca = c[i].ca;
+    ep->tls_verify = c[i].verify;
+    c[i].ctx = NULL;
+    c[i].ca = NULL;
+    if (had) sl_endpoint_close_idle(ep);
+    if (!ep->tls_verify)
+      SL_WARN("TLS certificate verification is OFF for %s (tls.verify = false)", ep->url);
+  }
+  free_tls_changes(g);
+}
+
 void sl_gen_activate(sl_gen_t *g) {
   sl_worker_t *w = g->worker;
+  commit_tls(g);
   if (!w->cache)
     w->cache = sl_cache_new(g->cfg->cache_max_bytes, g->cfg->cache_max_entry_bytes);
   else

@@ -40,6 +40,8 @@ typedef struct sl_gen {
   int lua_ctx; /* registry ref: sandbox context (module cache) */
   int *route_cache_key; /* per route: registry ref of its cache policy's key(), or LUA_NOREF */
   struct sl_route_m *route_m; /* per route: metric series (telemetry.h) */
+  struct tls_change *tls_changes; /* TLS contexts built for activation (worker.c) */
+  uint32_t ntls_changes;
 } sl_gen_t;
 
 typedef struct sl_worker_stats {
@@ -107,8 +109,9 @@ static inline sl_gen_t *sl_gen_ref(sl_gen_t *g) {
   return g;
 }
 void sl_gen_unref(sl_gen_t *g);
-/* Builds or updates the TLS contexts of the generation's https/wss endpoints. Returns -1 with
- * err (naming the config key) when a CA file cannot be loaded. */
+/* Builds the TLS contexts the generation's https/wss endpoints need, without changing them
+ * (sl_gen_activate swaps them in). Returns -1 with err (naming the config key) when a CA file
+ * cannot be loaded. */
 int sl_gen_prepare_tls(sl_gen_t *g, char *err, size_t errlen);
 /* Applies per-pool endpoint settings (weight, max_inflight, keep-alive) of a new current
  * generation. */
