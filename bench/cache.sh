@@ -23,30 +23,8 @@ ROUNDS=${ROUNDS:-3} DURATION=${DURATION:-10} WARMUP=${WARMUP:-2} CONNS=${CONNS:-
 SIZE=${SIZE:-1024} ENTRIES=${ENTRIES:-20000}
 PROXY_CPUS=${PROXY_CPUS-0} LOAD_CPUS=${LOAD_CPUS-1}
 
-do_build=1
-for arg in "$@"; do
-  case "$arg" in
-    --no-build) do_build=0 ;;
-    -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
-    *) die "unknown argument '$arg' (try --help)" ;;
-  esac
-done
-for t in wrk nginx curl; do command -v "$t" >/dev/null || die "$t not found (bash scripts/setup.sh --bench)"; done
+bench_setup "$0" wrk nginx curl -- "$@"
 
-TMP=$(mktemp -d /tmp/sluice-cache-bench-XXXXXX)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do stop_pid "$p"; done; rm -rf "$TMP"; }
-trap cleanup EXIT INT TERM
-mkdir -p "$OUT"
-
-if [ $do_build = 1 ]; then
-  log "building sluice (Release) in $BUILD_DIR"
-  cmake -S "$ROOT" -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release -DSLUICE_TESTS=OFF >"$TMP/build.log" 2>&1
-  make -C "$BUILD_DIR" -j"$(nproc)" sluice sluice-mock >>"$TMP/build.log" 2>&1 ||
-    { tail -30 "$TMP/build.log" >&2; die "build failed"; }
-fi
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # Upstream: the mock's /bytes?n=SIZE (only ever asked once per URL: the rest are hits).
 ("$BUILD_DIR/examples/mock/sluice-mock" --listen 127.0.0.1:0 --port-file "$TMP/up.port" >"$TMP/mock.log" 2>&1) &
@@ -106,7 +84,6 @@ run_wrk() { # run_wrk URL -> prints req/s
   (pin "$LOAD_CPUS" wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "$1") >"$TMP/wrk.out"
   awk '/^Requests\/sec/ { print $2 }' "$TMP/wrk.out"
 }
-median() { sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
 : >"$TMP/s.txt"; : >"$TMP/n.txt"
 for r in $(seq "$ROUNDS"); do

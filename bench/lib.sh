@@ -36,3 +36,37 @@ save_logs() { # save_logs DIR: copy the processes' own logs from $TMP into DIR/l
   (cd "$TMP" && find . -name '*.log' ! -name build.log -size +0 | while read -r f; do
     cp "$f" "$dir/logs/$(echo "${f#./}" | tr / _)"; done) || true
 }
+
+# The small benchmarks' common start (bench/cache.sh, bench/tls.sh): parses --no-build and
+# --help (printed from the script's header comment), checks the tools, makes $TMP with a
+# cleanup trap for $PIDS, and builds sluice and the mock in Release into $BUILD_DIR.
+bench_setup() { # bench_setup SCRIPT TOOLS... -- ARGS...
+  local script=$1; shift
+  local tools=() do_build=1 arg
+  while [ $# -gt 0 ] && [ "$1" != -- ]; do tools+=("$1"); shift; done
+  [ $# -gt 0 ] && shift
+  for arg in "$@"; do
+    case "$arg" in
+      --no-build) do_build=0 ;;
+      -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$script"; exit 0 ;;
+      *) die "unknown argument '$arg' (try --help)" ;;
+    esac
+  done
+  for arg in "${tools[@]}"; do
+    command -v "$arg" >/dev/null || die "$arg not found (bash scripts/setup.sh --bench)"
+  done
+  TMP=$(mktemp -d "/tmp/sluice-$(basename "$script" .sh)-bench-XXXXXX")
+  PIDS=()
+  trap 'for p in "${PIDS[@]}"; do stop_pid "$p"; done; rm -rf "$TMP"' EXIT
+  trap 'exit 130' INT TERM
+  mkdir -p "$OUT"
+  if [ $do_build = 1 ]; then
+    log "building sluice (Release) in $BUILD_DIR"
+    cmake -S "$ROOT" -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release -DSLUICE_TESTS=OFF >"$TMP/build.log" 2>&1
+    make -C "$BUILD_DIR" -j"$(nproc)" sluice sluice-mock >>"$TMP/build.log" 2>&1 ||
+      { tail -30 "$TMP/build.log" >&2; die "build failed"; }
+  fi
+}
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+median() { sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }

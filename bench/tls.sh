@@ -21,35 +21,13 @@ OUT=${OUT:-/tmp/sluice-bench}
 ROUNDS=${ROUNDS:-3} DURATION=${DURATION:-10} WARMUP=${WARMUP:-2} CONNS=${CONNS:-50}
 PROXY_CPUS=${PROXY_CPUS-0} LOAD_CPUS=${LOAD_CPUS-1}
 
-do_build=1
-for arg in "$@"; do
-  case "$arg" in
-    --no-build) do_build=0 ;;
-    -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
-    *) die "unknown argument '$arg' (try --help)" ;;
-  esac
-done
-for t in wrk nginx openssl; do command -v "$t" >/dev/null || die "$t not found (bash scripts/setup.sh --bench)"; done
-
-TMP=$(mktemp -d /tmp/sluice-tls-bench-XXXXXX)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do stop_pid "$p"; done; rm -rf "$TMP"; }
-trap cleanup EXIT INT TERM
-mkdir -p "$OUT"
-
-if [ $do_build = 1 ]; then
-  log "building sluice (Release) in $BUILD_DIR"
-  cmake -S "$ROOT" -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE=Release -DSLUICE_TESTS=OFF >"$TMP/build.log" 2>&1
-  make -C "$BUILD_DIR" -j"$(nproc)" sluice sluice-mock >>"$TMP/build.log" 2>&1 ||
-    { tail -30 "$TMP/build.log" >&2; die "build failed"; }
-fi
+bench_setup "$0" wrk nginx openssl -- "$@"
 
 # One certificate (ECDSA P-256, what a modern deployment serves) for both proxies.
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
   -subj "/CN=localhost" -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
   -keyout "$TMP/key.pem" -out "$TMP/cert.pem" >/dev/null 2>&1 || die "openssl could not make a certificate"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 for m in up1 up2; do
   (pin "$PROXY_CPUS" "$BUILD_DIR/examples/mock/sluice-mock" --listen 127.0.0.1:0 --port-file "$TMP/$m.port" >"$TMP/$m.log" 2>&1) &
   PIDS+=($!)
@@ -119,7 +97,6 @@ run_wrk() { # run_wrk URL [wrk args...] -> req/s
   (pin "$LOAD_CPUS" wrk -t1 -c"$CONNS" -d"${DURATION}s" "$@" "$url") >"$TMP/wrk.out"
   awk '/^Requests\/sec/ { print $2 }' "$TMP/wrk.out"
 }
-median() { sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
 measure() { # measure LABEL [wrk args...]
   local label=$1; shift

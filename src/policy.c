@@ -376,22 +376,13 @@ int sl_policy_load(sl_worker_t *w, sl_gen_t *g, const char *kind, const char *na
   return call_module(L, "sluice.sandbox", "load_policy", 4, 1, err, errlen);
 }
 
-int sl_policy_pick(sl_worker_t *w, sl_pool_t *pool, const sl_http_req_t *req,
-                   const char *request_id, uint32_t attempt, sl_endpoint_t **out, char *err,
-                   size_t errlen) {
+/* Calls the function at base + 2 (the traceback handler is at base + 1) with the budget
+ * reset; on error formats "file:line: message" into err and restores the stack to base. Like
+ * sl_lua_pcall without creating a handler closure per call (the request path). */
+static int hot_pcall(sl_worker_t *w, int base, int nargs, int nres, char *err, size_t errlen) {
   lua_State *L = w->L;
-  *out = NULL;
-  w->hook_req = req;
-  w->hook_request_id = request_id;
-  w->hook_attempt = attempt;
-  /* Same as sl_lua_pcall, without creating a handler closure per call. */
-  int base = lua_gettop(L);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, w->lua_traceback);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, pool->lua_pick);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, pool->lua_pool);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, w->lua_req);
   sl_lua_budget_reset();
-  int rc = lua_pcall(L, 2, 1, base + 1);
+  int rc = lua_pcall(L, nargs, nres, base + 1);
   w->hook_req = NULL;
   if (rc != 0) {
     format_error(lua_tostring(L, -1) ? lua_tostring(L, -1) : "(error object is not a string)",
@@ -400,6 +391,23 @@ int sl_policy_pick(sl_worker_t *w, sl_pool_t *pool, const sl_http_req_t *req,
     return -1;
   }
   lua_remove(L, base + 1);
+  return 0;
+}
+
+int sl_policy_pick(sl_worker_t *w, sl_pool_t *pool, const sl_http_req_t *req,
+                   const char *request_id, uint32_t attempt, sl_endpoint_t **out, char *err,
+                   size_t errlen) {
+  lua_State *L = w->L;
+  *out = NULL;
+  w->hook_req = req;
+  w->hook_request_id = request_id;
+  w->hook_attempt = attempt;
+  int base = lua_gettop(L);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->lua_traceback);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, pool->lua_pick);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, pool->lua_pool);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->lua_req);
+  if (hot_pcall(w, base, 2, 1, err, errlen) != 0) return -1;
 
   int t = lua_type(L, -1);
   int rcode = 0;
@@ -458,17 +466,7 @@ static void push_outcome(sl_worker_t *w, const sl_outcome_t *o) {
 /* Calls runtime.<trampoline>(fn, pool, ...) with nargs extra arguments already pushed after
  * the three slots reserved by push_hook. */
 static int call_hook(sl_worker_t *w, int base, int nargs, int nres, char *err, size_t errlen) {
-  lua_State *L = w->L;
-  sl_lua_budget_reset();
-  int rc = lua_pcall(L, 2 + nargs, nres, base + 1);
-  if (rc != 0) {
-    format_error(lua_tostring(L, -1) ? lua_tostring(L, -1) : "(error object is not a string)",
-                 err, errlen);
-    lua_settop(L, base);
-    return -1;
-  }
-  lua_remove(L, base + 1);
-  return 0;
+  return hot_pcall(w, base, 2 + nargs, nres, err, errlen);
 }
 
 /* Pushes the traceback handler, the trampoline, the hook function and the pool table. */
@@ -556,15 +554,7 @@ int sl_policy_cache_key(sl_worker_t *w, int ref, const sl_http_req_t *req, const
   lua_rawgeti(L, LUA_REGISTRYINDEX, w->lua_traceback);
   lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
   lua_rawgeti(L, LUA_REGISTRYINDEX, w->lua_req);
-  sl_lua_budget_reset();
-  int rc = lua_pcall(L, 1, 1, base + 1);
-  w->hook_req = NULL;
-  if (rc != 0) {
-    format_error(lua_tostring(L, -1) ? lua_tostring(L, -1) : "(error object is not a string)",
-                 err, errlen);
-    lua_settop(L, base);
-    return -1;
-  }
+  if (hot_pcall(w, base, 1, 1, err, errlen) != 0) return -1;
   int t = lua_type(L, -1), result = 1;
   if (t == LUA_TSTRING) {
     size_t n = 0;
