@@ -406,6 +406,18 @@ static void extract(lua_State *L, int idx, sl_config_t *c) {
     c->pools[i].fallback_idx = c->pools[i].fallback ? sl_config_pool_index(c, c->pools[i].fallback) : -1;
 }
 
+static sl_config_t *config_parse(sl_config_t *c, char *err, size_t errlen) {
+  lua_State *L = sl_lua_newstate();
+  if (sl_config_eval(L, c, err, errlen) != 0) {
+    lua_close(L);
+    sl_config_free(c);
+    return NULL;
+  }
+  extract(L, lua_gettop(L), c);
+  lua_close(L);
+  return c;
+}
+
 sl_config_t *sl_config_load(const char *file, char *err, size_t errlen) {
   sl_config_t *c = sl_calloc(1, sizeof(*c));
   c->refs = 1;
@@ -421,15 +433,19 @@ sl_config_t *sl_config_load(const char *file, char *err, size_t errlen) {
     sl_config_free(c);
     return NULL;
   }
-  lua_State *L = sl_lua_newstate();
-  if (sl_config_eval(L, c, err, errlen) != 0) {
-    lua_close(L);
-    sl_config_free(c);
-    return NULL;
-  }
-  extract(L, lua_gettop(L), c);
-  lua_close(L);
-  return c;
+  return config_parse(c, err, errlen);
+}
+
+sl_config_t *sl_config_load_string(const char *name, const char *source, size_t len,
+                                   const char *dir, char *err, size_t errlen) {
+  sl_config_t *c = sl_calloc(1, sizeof(*c));
+  c->refs = 1;
+  c->file = sl_strdup(name);
+  c->dir = sl_strdup(dir ? dir : ".");
+  c->source = sl_strndup(source, len);
+  c->source_len = len;
+  c->from_string = true;
+  return config_parse(c, err, errlen);
 }
 
 int sl_config_pool_index(const sl_config_t *cfg, const char *name) {

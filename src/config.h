@@ -100,6 +100,7 @@ typedef struct sl_config {
   char *file;         /* path as given */
   char *dir;          /* directory of the file; relative paths are resolved against it */
   char *source;       /* file contents, so every worker builds from the same bytes */
+  bool from_string;   /* given by an embedding host, not read from `file` */
   size_t source_len;
   sl_listen_conf_t *listen;
   uint32_t nlisten;
@@ -121,6 +122,10 @@ typedef struct sl_config {
   uint32_t nroutes;
 } sl_config_t;
 
+/* Validates a config given as Lua source; `name` stands for the file in messages and relative
+ * paths are resolved against `dir` (NULL: the working directory). */
+sl_config_t *sl_config_load_string(const char *name, const char *source, size_t len,
+                                   const char *dir, char *err, size_t errlen);
 /* Reads and validates `file`. On failure returns NULL and writes "file:line: key.path: what
  * was expected" (or the Lua error) into err. */
 sl_config_t *sl_config_load(const char *file, char *err, size_t errlen);

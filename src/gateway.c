@@ -16,6 +16,7 @@
 #include "worker.h"
 #include "workers.h"
 
+#include <ctype.h>
 #include <lauxlib.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,6 +30,8 @@ struct sluice {
   bool started, stopping, stopped;
   sl_watch_t *watch;
   sl_workers_t *workers; /* worker threads beyond the one on the host loop */
+  sl_ext_t *exts;        /* host functions for policies (sluice_register) */
+  size_t nexts;
   void (*stop_done)(sluice_t *, void *);
   void *stop_arg;
   char error[2048];
@@ -162,12 +165,7 @@ static int activate(sluice_t *s, sl_config_t *cfg) {
   return 0;
 }
 
-int sluice_load_file(sluice_t *s, const char *path) {
-  if (s->started) {
-    snprintf(s->error, sizeof(s->error), "sluice_load_file: already started (use sluice_reload)");
-    return SLUICE_ESTATE;
-  }
-  sl_config_t *cfg = sl_config_load(path, s->error, sizeof(s->error));
+static int load_config(sluice_t *s, sl_config_t *cfg) {
   if (!cfg) return SLUICE_ECONFIG;
   if (!s->worker) {
     s->worker = sl_worker_create(s->loop, s->error, sizeof(s->error));
@@ -176,6 +174,7 @@ int sluice_load_file(sluice_t *s, const char *path) {
       return SLUICE_EPOLICY;
     }
     s->worker->gw = s;
+    sl_policy_add_ext(s->worker, s->exts, s->nexts);
   }
   sl_lua_set_mode(s->worker->L, cfg->lua_jit, cfg->lua_budget);
   if (cfg->lua_jit) SL_WARN("lua.jit = true: policies are compiled; a runaway loop cannot be stopped");
@@ -183,6 +182,43 @@ int sluice_load_file(sluice_t *s, const char *path) {
   sl_config_unref(cfg);
   return rc;
 }
+
+int sluice_load_file(sluice_t *s, const char *path) {
+  if (s->started) {
+    snprintf(s->error, sizeof(s->error), "sluice_load_file: already started (use sluice_reload)");
+    return SLUICE_ESTATE;
+  }
+  return load_config(s, sl_config_load(path, s->error, sizeof(s->error)));
+}
+
+int sluice_load_string(sluice_t *s, const char *name, const char *source, size_t len,
+                       const char *dir) {
+  if (s->started) {
+    snprintf(s->error, sizeof(s->error), "sluice_load_string: already started (use sluice_reload_string)");
+    return SLUICE_ESTATE;
+  }
+  return load_config(s, sl_config_load_string(name ? name : "(config)", source, len, dir,
+                                              s->error, sizeof(s->error)));
+}
+
+int sluice_register(sluice_t *s, const char *name, sluice_ext_fn fn, void *data) {
+  if (s->worker) {
+    snprintf(s->error, sizeof(s->error), "sluice_register: register before loading a config");
+    return SLUICE_ESTATE;
+  }
+  bool ok = name && fn && (isalpha((unsigned char)name[0]) || name[0] == '_');
+  for (const char *p = name; ok && *p; p++) ok = isalnum((unsigned char)*p) || *p == '_';
+  if (!ok) {
+    snprintf(s->error, sizeof(s->error), "sluice_register: %s is not a valid Lua name",
+             name ? name : "(null)");
+    return SLUICE_ECONFIG;
+  }
+  s->exts = sl_realloc(s->exts, (s->nexts + 1) * sizeof(sl_ext_t));
+  s->exts[s->nexts++] = (sl_ext_t){sl_strdup(name), (int (*)(lua_State *))fn, data};
+  return 0;
+}
+
+void *sluice_ext_data(struct lua_State *L) { return lua_touserdata(L, lua_upvalueindex(1)); }
 
 /* Settings a reload cannot change: they shape sockets and threads made at start. */
 static void warn_restart_only(const sl_config_t *old, const sl_config_t *cfg) {
@@ -198,6 +234,8 @@ static void warn_restart_only(const sl_config_t *old, const sl_config_t *cfg) {
   if (old->lua_jit != cfg->lua_jit) SL_WARN("reload: lua.jit changed; takes effect after a restart");
 }
 
+static int reload_with(sluice_t *s, sl_worker_t *w, uint64_t before, sl_config_t *cfg);
+
 int sluice_reload(sluice_t *s) {
   if (!s->worker || !s->cfg || s->stopping) {
     snprintf(s->error, sizeof(s->error), "sluice_reload: %s", s->stopping ? "stopping" : "no config loaded");
@@ -205,7 +243,25 @@ int sluice_reload(sluice_t *s) {
   }
   sl_worker_t *w = s->worker;
   uint64_t before = w->gen->id;
-  sl_config_t *cfg = sl_config_load(s->cfg->file, s->error, sizeof(s->error));
+  sl_config_t *cfg = s->cfg->from_string
+                         ? sl_config_load_string(s->cfg->file, s->cfg->source, s->cfg->source_len,
+                                                 s->cfg->dir, s->error, sizeof(s->error))
+                         : sl_config_load(s->cfg->file, s->error, sizeof(s->error));
+  return reload_with(s, w, before, cfg);
+}
+
+int sluice_reload_string(sluice_t *s, const char *source, size_t len) {
+  if (!s->worker || !s->cfg || s->stopping || !s->cfg->from_string) {
+    snprintf(s->error, sizeof(s->error), "sluice_reload_string: %s",
+             s->stopping ? "stopping" : "no config loaded with sluice_load_string");
+    return SLUICE_ESTATE;
+  }
+  sl_config_t *cfg = sl_config_load_string(s->cfg->file, source, len, s->cfg->dir, s->error,
+                                           sizeof(s->error));
+  return reload_with(s, s->worker, s->worker->gen->id, cfg);
+}
+
+static int reload_with(sluice_t *s, sl_worker_t *w, uint64_t before, sl_config_t *cfg) {
   int rc = cfg ? 0 : SLUICE_ECONFIG;
   if (cfg) {
     warn_restart_only(s->cfg, cfg);
@@ -265,7 +321,8 @@ int sluice_start(sluice_t *s) {
   }
   /* Watch before listening: once "listening" is logged, a saved change must not be missed. */
   if (s->cfg->watch)
-    s->watch = sl_watch_start(s->loop, s->cfg->file, s->cfg->policies_dir, 150, on_watch, s);
+    s->watch = sl_watch_start(s->loop, s->cfg->from_string ? NULL : s->cfg->file,
+                              s->cfg->policies_dir, 150, on_watch, s);
   int rc = sl_server_listen(s->worker, s->cfg, NULL, true, s->error, sizeof(s->error));
   uint32_t n = s->cfg->workers ? s->cfg->workers : (uint32_t)uv_available_parallelism();
   if (rc == 0 && n > 1) {
@@ -273,7 +330,8 @@ int sluice_start(sluice_t *s) {
     uint16_t ports[256];
     for (uint32_t i = 0; i < s->cfg->nlisten && i < SL_ARRAY_SIZE(ports); i++)
       ports[i] = sl_server_listener_port(s->worker, i);
-    s->workers = sl_workers_start(n - 1, s->cfg, ports, s->error, sizeof(s->error));
+    s->workers = sl_workers_start(n - 1, s->cfg, ports, s->exts, s->nexts, s->error,
+                                  sizeof(s->error));
     if (!s->workers) rc = SLUICE_ELISTEN;
     else SL_INFO("%u workers", n);
   }
@@ -325,7 +383,11 @@ void sl_worker_conn_gone(sl_worker_t *w) {
 }
 
 int sluice_stop(sluice_t *s, void (*done)(sluice_t *, void *), void *arg) {
-  if (!s->worker || s->stopping) return SLUICE_ESTATE;
+  if (!s->worker || s->stopping || !s->started) {
+    snprintf(s->error, sizeof(s->error), "sluice_stop: %s",
+             s->stopping ? "already stopping" : "not started (sluice_free is enough)");
+    return SLUICE_ESTATE;
+  }
   s->stopping = true;
   sl_watch_stop(s->watch);
   s->watch = NULL;
@@ -366,6 +428,8 @@ void sluice_free(sluice_t *s) {
     sl_worker_destroy(s->worker);
   }
   sl_config_unref(s->cfg);
+  for (size_t i = 0; i < s->nexts; i++) free(s->exts[i].name);
+  free(s->exts);
   free(s);
 }
 

@@ -571,3 +571,22 @@ int sl_policy_cache_key(sl_worker_t *w, int ref, const sl_http_req_t *req, const
   lua_settop(L, base);
   return result;
 }
+
+void sl_policy_add_ext(sl_worker_t *w, const sl_ext_t *ext, size_t n) {
+  lua_State *L = w->L;
+  if (!n) return;
+  lua_getfield(L, LUA_REGISTRYINDEX, "sluice.module");
+  lua_getfield(L, -1, "ext");
+  if (!lua_istable(L, -1)) {
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushvalue(L, -1);
+    lua_setfield(L, -3, "ext");
+  }
+  for (size_t i = 0; i < n; i++) {
+    lua_pushlightuserdata(L, ext[i].data);
+    lua_pushcclosure(L, ext[i].fn, 1);
+    lua_setfield(L, -2, ext[i].name);
+  }
+  lua_pop(L, 2);
+}

@@ -34,6 +34,15 @@ void sl_lua_budget_reset(void);
  * the traceback kept short) into err, pops it, and returns -1. */
 int sl_lua_pcall(lua_State *L, int nargs, int nresults, char *err, size_t errlen);
 
+/* A host function registered with sluice_register: sluice.ext.<name> in every policy. */
+typedef struct sl_ext {
+  char *name;
+  int (*fn)(lua_State *L);
+  void *data;
+} sl_ext_t;
+/* Adds the host functions to the worker's sluice module (before any policy loads). */
+void sl_policy_add_ext(sl_worker_t *w, const sl_ext_t *ext, size_t n);
+
 /* Prepares a worker's VM: the sluice module, FFI layout check, the reusable req object. */
 int sl_policy_init(sl_worker_t *w, char *err, size_t errlen);
 

@@ -11,6 +11,8 @@
 #include <stdint.h>
 #include <uv.h>
 
+struct lua_State;
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -29,6 +31,23 @@ int sluice_new(uv_loop_t *loop, sluice_t **out);
 
 /* Loads and validates a config file and the policies it names. Must precede sluice_start. */
 int sluice_load_file(sluice_t *s, const char *path);
+/* The same with the config given as Lua source (a chunk returning the config table). `name`
+ * stands for the file in error messages; relative paths in it (policies, certificates, the
+ * access log) are relative to `dir` (NULL: the working directory). No file is watched; the
+ * policies directory still is unless watch = false. */
+int sluice_load_string(sluice_t *s, const char *name, const char *source, size_t len,
+                       const char *dir);
+/* Reloads from new Lua source (for instances loaded with sluice_load_string). */
+int sluice_reload_string(sluice_t *s, const char *source, size_t len);
+
+/* A C function policies can call as sluice.ext.<name>(...). It follows the Lua C API
+ * (lua_CFunction from LuaJIT's lua.h); sluice_ext_data(L) returns the `data` given at
+ * registration. Register before loading a config. With workers > 1 it is called from every
+ * worker thread, possibly at once: it must be thread-safe. Raising a Lua error from it fails
+ * the calling policy like any policy error. */
+typedef int (*sluice_ext_fn)(struct lua_State *L);
+int sluice_register(sluice_t *s, const char *name, sluice_ext_fn fn, void *data);
+void *sluice_ext_data(struct lua_State *L);
 
 /* Reloads the config file and its policies: builds a new generation and swaps it in only when
  * everything loaded. In-flight requests finish on the generation they started with. On failure
@@ -40,9 +59,10 @@ uint64_t sluice_generation(const sluice_t *s);
 /* Starts listening (and watching the config and policies for changes, unless watch = false). */
 int sluice_start(sluice_t *s);
 
-/* Graceful stop: stops accepting, lets in-flight requests finish (up to the config's
- * limits.drain_timeout_ms), then calls `done`. The instance's handles are closed by the time
- * `done` runs; free it afterwards. */
+/* Graceful stop of a started instance: stops accepting, lets in-flight requests finish (up
+ * to the config's limits.drain_timeout_ms), then calls `done`. The instance's handles are
+ * closed by the time `done` runs; free it afterwards. An instance never started needs only
+ * sluice_free. */
 int sluice_stop(sluice_t *s, void (*done)(sluice_t *s, void *arg), void *arg);
 
 /* Frees the instance. Handles it still owns are closed; run the loop once more afterwards to

@@ -129,16 +129,18 @@ sl_watch_t *sl_watch_start(uv_loop_t *loop, const char *config_file, const char 
   w->debounce_ms = debounce_ms;
   w->cb = cb;
   w->arg = arg;
-  const char *slash = strrchr(config_file, '/');
-  w->config_name = sl_strdup(slash ? slash + 1 : config_file);
-  w->config_dir = slash ? sl_strndup(config_file, (size_t)(slash - config_file)) : sl_strdup(".");
-  if (slash == config_file) {
-    free(w->config_dir);
-    w->config_dir = sl_strdup("/");
-  }
   uv_timer_init(loop, &w->debounce);
   w->debounce.data = w;
-  add_dir(w, w->config_dir, true);
+  if (config_file) { /* NULL: a config given as a string, nothing to watch but policies */
+    const char *slash = strrchr(config_file, '/');
+    w->config_name = sl_strdup(slash ? slash + 1 : config_file);
+    w->config_dir = slash ? sl_strndup(config_file, (size_t)(slash - config_file)) : sl_strdup(".");
+    if (slash == config_file) {
+      free(w->config_dir);
+      w->config_dir = sl_strdup("/");
+    }
+    add_dir(w, w->config_dir, true);
+  }
   add_policy_dirs(w, policies_dir);
   return w;
 }

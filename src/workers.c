@@ -2,6 +2,7 @@
 
 #include "cache.h"
 #include "log.h"
+#include "policy.h"
 #include "server.h"
 #include "telemetry.h"
 #include "worker.h"
@@ -30,6 +31,8 @@ typedef struct wthread {
   /* start-up */
   sl_config_t *cfg;
   const uint16_t *ports;
+  const sl_ext_t *exts;
+  size_t nexts;
   int rc;
   char err[512];
   bool started;
@@ -112,6 +115,7 @@ static void thread_main(void *arg) {
   sl_worker_t *w = t->w;
   w->index = t->index;
   w->gw = t;
+  sl_policy_add_ext(w, t->exts, t->nexts);
   if (sl_worker_apply(w, t->cfg, false, t->err, sizeof(t->err)) != 0 ||
       sl_server_listen(w, t->cfg, t->ports, false, t->err, sizeof(t->err)) != 0) {
     t->rc = -1;
@@ -135,8 +139,8 @@ static void thread_main(void *arg) {
   uv_loop_close(&t->loop);
 }
 
-sl_workers_t *sl_workers_start(uint32_t n, sl_config_t *cfg, const uint16_t *ports, char *err,
-                               size_t errlen) {
+sl_workers_t *sl_workers_start(uint32_t n, sl_config_t *cfg, const uint16_t *ports,
+                               const sl_ext_t *exts, size_t nexts, char *err, size_t errlen) {
   sl_workers_t *ws = sl_calloc(1, sizeof(*ws));
   ws->n = n;
   ws->t = sl_calloc(n, sizeof(wthread_t));
@@ -148,6 +152,8 @@ sl_workers_t *sl_workers_start(uint32_t n, sl_config_t *cfg, const uint16_t *por
     t->index = i + 1;
     t->cfg = cfg;
     t->ports = ports;
+    t->exts = exts;
+    t->nexts = nexts;
     uv_mutex_init(&t->mu);
     if (uv_thread_create(&t->tid, thread_main, t) != 0) {
       snprintf(err, errlen, "workers: cannot start thread %u", i + 1);

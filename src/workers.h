@@ -13,8 +13,9 @@ typedef struct sl_workers sl_workers_t;
 
 /* Starts n worker threads on cfg, listening on `ports` (one per cfg->listen entry). Returns
  * once every thread listens, or NULL with err filled (the threads started are stopped). */
-sl_workers_t *sl_workers_start(uint32_t n, sl_config_t *cfg, const uint16_t *ports, char *err,
-                               size_t errlen);
+struct sl_ext;
+sl_workers_t *sl_workers_start(uint32_t n, sl_config_t *cfg, const uint16_t *ports,
+                               const struct sl_ext *exts, size_t nexts, char *err, size_t errlen);
 /* Hands every thread a new config to build and activate (asynchronously). NULL is ignored. */
 void sl_workers_reload(sl_workers_t *ws, sl_config_t *cfg);
 /* Purges every thread's cache (asynchronously): one key, a route's entries (tag), or all
