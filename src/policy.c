@@ -10,14 +10,21 @@
 #include <lualib.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 #ifndef SLUICE_LUA_DIR
 #define SLUICE_LUA_DIR "lua"
 #endif
 
+/* $VAR, else the source tree the library was built from, else where cmake --install put it. */
+static const char *runtime_dir(const char *var, const char *built, const char *installed) {
+  const char *d = getenv(var);
+  if (d && *d) return d;
+  return access(built, R_OK) == 0 ? built : installed;
+}
+
 const char *sl_lua_dir(void) {
-  const char *d = getenv("SLUICE_LUA_DIR");
-  return d && *d ? d : SLUICE_LUA_DIR;
+  return runtime_dir("SLUICE_LUA_DIR", SLUICE_LUA_DIR, SLUICE_LUA_DIR_INSTALLED);
 }
 
 #define SL_BUDGET_STEP 1000 /* instructions between two hook calls */
@@ -64,8 +71,7 @@ void sl_lua_set_mode(lua_State *L, bool jit, uint64_t budget) {
 #endif
 
 const char *sl_bundled_policy_dir(void) {
-  const char *d = getenv("SLUICE_POLICY_DIR");
-  return d && *d ? d : SLUICE_POLICY_DIR;
+  return runtime_dir("SLUICE_POLICY_DIR", SLUICE_POLICY_DIR, SLUICE_POLICY_DIR_INSTALLED);
 }
 
 lua_State *sl_lua_newstate(void) {
