@@ -483,6 +483,108 @@ class Env:
         return problems
 
 
+class WsEchoUpstream:
+    """A WebSocket server (python3-websockets) on its own asyncio loop in a thread. Echoes
+    messages; `close:C:R` makes it close with code C and reason R; `flood:N:SIZE` sends N
+    binary messages of SIZE bytes (waiting while the socket is full), then "flood-done".
+    Records each session's path, request headers, SNI and TLS session reuse (`sessions`), and
+    close codes. `ssl`: a server SSLContext for wss://; `refuse`: an HTTP status to refuse
+    handshakes with."""
+
+    def __init__(self, refuse=None, ssl=None, subprotocols=None):
+        import asyncio
+        self.refuse, self.ssl, self.subprotocols = refuse, ssl, subprotocols
+        self.sessions, self.headers, self.close_codes = [], [], []
+        self.lock = threading.Lock()
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        if not self.ready.wait(10):
+            raise AssertionError("WebSocket upstream did not start")
+
+    async def _handler(self, ws, path=None):
+        import websockets
+        so = ws.transport.get_extra_info("ssl_object")
+        with self.lock:
+            self.headers.append(ws.request_headers)  # case-insensitive lookups
+            self.sessions.append({"path": ws.path, "headers": ws.request_headers,
+                                  "sni": getattr(so, "sluice_sni", None),
+                                  "reused": so.session_reused if so else None})
+        try:
+            async for msg in ws:
+                if isinstance(msg, str) and msg.startswith("flood:"):
+                    _, n, size = msg.split(":")
+                    chunk = b"f" * int(size)
+                    for _ in range(int(n)):
+                        await ws.send(chunk)
+                    await ws.send("flood-done")
+                    continue
+                if isinstance(msg, str) and msg.startswith("close:"):
+                    _, code, reason = msg.split(":", 2)
+                    await ws.close(int(code), reason)
+                    return
+                await ws.send(msg)
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            with self.lock:
+                self.close_codes.append(ws.close_code)
+
+    async def _process_request(self, path, headers):
+        if self.refuse:
+            return (self.refuse, [("Content-Type", "text/plain")], b"refused\n")
+        return None
+
+    def _run(self):
+        import asyncio
+        import websockets
+        asyncio.set_event_loop(self.loop)
+
+        async def start():
+            self.server = await websockets.serve(self._handler, "127.0.0.1", 0, max_size=None,
+                                                 ssl=self.ssl, subprotocols=self.subprotocols,
+                                                 process_request=self._process_request)
+            self.port = self.server.sockets[0].getsockname()[1]
+            self.ready.set()
+
+        self.loop.run_until_complete(start())
+        self.loop.run_forever()
+
+    def url_for(self, host):
+        return "%s://%s:%d" % ("wss" if self.ssl else "ws", host, self.port)
+
+    @property
+    def url(self):
+        return self.url_for("127.0.0.1")
+
+    def kill(self):
+        """Drops every connection without a close frame (like a crashed instance)."""
+        def drop():
+            self.server.close()
+            for ws in list(self.server.websockets):
+                ws.transport.abort()
+        self.loop.call_soon_threadsafe(drop)
+
+    def stop(self):
+        import asyncio
+        if not self.thread.is_alive():
+            return
+
+        async def shutdown():
+            self.server.close()
+            await self.server.wait_closed()
+        try:
+            asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(10)
+        except Exception:  # noqa: BLE001 - stopping anyway
+            pass
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)
+
+    close = stop  # Env.close() closes env.upstreams
+
+
 class ScriptedUpstream:
     """A tiny upstream written in Python for behaviour sluice-mock cannot produce (garbage
     responses, closing a kept-alive connection at a chosen moment, odd headers).

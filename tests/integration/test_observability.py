@@ -16,7 +16,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 import unittest
 
@@ -168,49 +167,7 @@ class Scrape:
 # A WebSocket echo upstream on its own asyncio loop.
 
 
-class WsEcho:
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        if not self.ready.wait(5):
-            raise AssertionError("WebSocket upstream did not start")
-
-    async def _handler(self, ws, path=None):
-        try:
-            async for msg in ws:
-                await ws.send(msg)
-        except websockets.ConnectionClosed:
-            pass
-
-    def _run(self):
-        asyncio.set_event_loop(self.loop)
-
-        async def start():
-            self.server = await websockets.serve(self._handler, "127.0.0.1", 0, max_size=None)
-            self.port = self.server.sockets[0].getsockname()[1]
-            self.ready.set()
-
-        self.loop.run_until_complete(start())
-        self.loop.run_forever()
-
-    @property
-    def url(self):
-        return "ws://127.0.0.1:%d" % self.port
-
-    async def _shutdown(self):
-        self.server.close()
-        await self.server.wait_closed()
-
-    def close(self):  # Env.close() calls this for env.upstreams
-        if not self.thread.is_alive():
-            return
-        try:
-            asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(5)
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(5)
+WsEcho = h.WsEchoUpstream
 
 
 def ws_session(port, path, messages, hold=0.0, during=None):

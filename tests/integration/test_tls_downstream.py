@@ -237,60 +237,7 @@ def mem_handshake(port, ctx, flush_last=True):
     return sock, obj
 
 
-class WsUpstream:
-    """A plain ws:// server on its own asyncio loop: echoes messages; `close:C:R` makes it
-    close with code C and reason R; records request headers and close codes."""
-
-    def __init__(self):
-        self.headers = []
-        self.close_codes = []
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        if not self.ready.wait(5):
-            raise AssertionError("ws upstream did not start")
-
-    async def _handler(self, ws, path=None):
-        self.headers.append(ws.request_headers)
-        try:
-            async for msg in ws:
-                if isinstance(msg, str) and msg.startswith("close:"):
-                    _, code, reason = msg.split(":", 2)
-                    await ws.close(int(code), reason)
-                    return
-                await ws.send(msg)
-        except websockets.ConnectionClosed:
-            pass
-        finally:
-            self.close_codes.append(ws.close_code)
-
-    def _run(self):
-        asyncio.set_event_loop(self.loop)
-
-        async def start():
-            self.server = await websockets.serve(self._handler, "127.0.0.1", 0, max_size=None)
-            self.port = self.server.sockets[0].getsockname()[1]
-            self.ready.set()
-
-        self.loop.run_until_complete(start())
-        self.loop.run_forever()
-
-    @property
-    def url(self):
-        return "ws://127.0.0.1:%d" % self.port
-
-    def stop(self):
-        async def shutdown():
-            self.server.close()
-            await self.server.wait_closed()
-        try:
-            asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(5)
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(5)
-            if not self.thread.is_alive():
-                self.loop.close()
+WsUpstream = h.WsEchoUpstream
 
 
 def run(coro, timeout=20):

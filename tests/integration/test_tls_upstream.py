@@ -338,65 +338,8 @@ class TLSHTTPUpstream:
 # WSS upstream: python3-websockets with ssl
 
 
-class WSSUpstream:
-    """Echoes messages; `close:C:R` makes it close with code C and reason R. Records the
-    request path and headers, SNI, session reuse and the close code of every session."""
-
-    def __init__(self, cert="localhost"):
-        self.ctx = server_ctx(cert)
-        self.sessions = []
-        self.close_codes = []
-        self.lock = threading.Lock()
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        if not self.ready.wait(10):
-            raise AssertionError("wss upstream did not start")
-
-    async def _handler(self, ws, path=None):
-        so = ws.transport.get_extra_info("ssl_object")
-        with self.lock:
-            self.sessions.append({"path": ws.path, "headers": ws.request_headers,
-                                  "sni": getattr(so, "sluice_sni", None),
-                                  "reused": so.session_reused if so else None})
-        try:
-            async for msg in ws:
-                if isinstance(msg, str) and msg.startswith("close:"):
-                    _, code, reason = msg.split(":", 2)
-                    await ws.close(int(code), reason)
-                    return
-                await ws.send(msg)
-        except websockets.ConnectionClosed:
-            pass
-        finally:
-            with self.lock:
-                self.close_codes.append(ws.close_code)
-
-    def _run(self):
-        asyncio.set_event_loop(self.loop)
-
-        async def start():
-            self.server = await websockets.serve(self._handler, "127.0.0.1", 0, ssl=self.ctx,
-                                                 max_size=None)
-            self.port = self.server.sockets[0].getsockname()[1]
-            self.ready.set()
-
-        self.loop.run_until_complete(start())
-        self.loop.run_forever()
-
-    def url(self, host="localhost"):
-        return "wss://%s:%d" % (host, self.port)
-
-    def stop(self):
-        async def stop():
-            self.server.close()
-            await self.server.wait_closed()
-        try:
-            asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(5)
+def WSSUpstream(cert="localhost"):
+    return h.WsEchoUpstream(ssl=server_ctx(cert))
 
 
 class CoalescingUpstream:
@@ -570,9 +513,9 @@ class TLSUpstreamTest(h.SluiceTestCase):
             "stream": h.make_pool([cls.stream.url()], tls=tls),
             "trunc": h.make_pool([cls.trunc.url()], tls=tls),
             "co": h.make_pool([cls.co.url()], tls=tls),
-            "wss": h.make_pool([cls.wss.url()], tls=tls,
+            "wss": h.make_pool([cls.wss.url_for("localhost")], tls=tls,
                                websocket={"max_message_bytes": 4 * 1024 * 1024}),
-            "wssbad": h.make_pool([cls.wss_bad.url()], tls=tls),
+            "wssbad": h.make_pool([cls.wss_bad.url_for("localhost")], tls=tls),
         }
         routes = [{"path": "/" + name, "pool": name} for name in pools]
         cfg = h.make_config(pools, routes, watch=False,

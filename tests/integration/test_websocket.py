@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import sys
-import threading
 import unittest
 
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
@@ -16,77 +15,8 @@ import harness as h  # noqa: E402
 import websockets  # noqa: E402  (Debian python3-websockets)
 
 
-class Upstream:
-    """A WebSocket server on its own asyncio loop in a thread. Echoes messages; `close:C:R`
-    makes it close with code C and reason R; records request headers and close codes."""
-
-    def __init__(self, refuse=None):
-        self.refuse = refuse  # HTTP status to refuse handshakes with
-        self.headers = []
-        self.close_codes = []
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        self.ready.wait(5)
-
-    async def _handler(self, ws, path=None):
-        self.headers.append(ws.request_headers)  # case-insensitive lookups
-        try:
-            async for msg in ws:
-                if isinstance(msg, str) and msg.startswith("flood:"):
-                    _, n, size = msg.split(":")
-                    chunk = b"f" * int(size)
-                    for _ in range(int(n)):
-                        await ws.send(chunk)  # waits while the socket is full
-                    await ws.send("flood-done")
-                    continue
-                if isinstance(msg, str) and msg.startswith("close:"):
-                    _, code, reason = msg.split(":", 2)
-                    await ws.close(int(code), reason)
-                    return
-                await ws.send(msg)
-        except websockets.ConnectionClosed:
-            pass
-        finally:
-            self.close_codes.append(ws.close_code)
-
-    async def _process_request(self, path, headers):
-        if self.refuse:
-            return (self.refuse, [("Content-Type", "text/plain")], b"refused\n")
-        return None
-
-    def _run(self):
-        asyncio.set_event_loop(self.loop)
-
-        async def start():
-            self.server = await websockets.serve(self._handler, "127.0.0.1", 0, max_size=None,
-                                                 subprotocols=["stt.v1"],
-                                                 process_request=self._process_request)
-            self.port = self.server.sockets[0].getsockname()[1]
-            self.ready.set()
-
-        self.loop.run_until_complete(start())
-        self.loop.run_forever()
-
-    @property
-    def url(self):
-        return "ws://127.0.0.1:%d" % self.port
-
-    def kill(self):
-        """Drops every connection without a close frame (like a crashed instance)."""
-        def drop():
-            self.server.close()
-            for ws in list(self.server.websockets):
-                ws.transport.abort()
-        self.loop.call_soon_threadsafe(drop)
-
-    def stop(self):
-        def stop():
-            self.server.close()
-            self.loop.stop()
-        self.loop.call_soon_threadsafe(stop)
-        self.thread.join(5)
+def Upstream(refuse=None):
+    return h.WsEchoUpstream(refuse=refuse, subprotocols=["stt.v1"])
 
 
 def run(coro, timeout=30):
