@@ -83,27 +83,15 @@ static void on_write_done(uv_stream_t *s, int status) {
   if (c->x.active && c->x.up_paused && queued <= SL_CLIENT_LWM) sl_proxy_client_drained(&c->x);
 }
 
-/* Sends what the TLS engine produced for the client (handshake, records, close_notify). */
 static int tls_flush(sl_conn_t *c, sl_write_cb cb) {
-  sl_buf_t out;
-  sl_buf_init(&out);
-  int rc = 0;
-  if (sl_tls_pending_out(c->tls, &out))
-    rc = sl_stream_write((uv_stream_t *)&c->tcp, out.data, out.len, cb);
-  sl_buf_free(&out);
-  return rc;
+  return sl_tls_send(c->tls, (uv_stream_t *)&c->tcp, cb);
 }
 
 int sl_conn_writev(sl_conn_t *c, const uv_buf_t *bufs, unsigned n) {
   if (c->closing) return UV_ECANCELED;
-  int rc = 0;
-  if (c->tls) {
-    for (unsigned i = 0; i < n && rc == 0; i++)
-      if (sl_tls_write(c->tls, bufs[i].base, bufs[i].len) != 0) rc = UV_EPROTO;
-    if (rc == 0) rc = tls_flush(c, on_write_done);
-  } else {
-    rc = sl_stream_writev((uv_stream_t *)&c->tcp, bufs, n, on_write_done);
-  }
+  uv_stream_t *s = (uv_stream_t *)&c->tcp;
+  int rc = c->tls ? sl_tls_writev(c->tls, s, bufs, n, on_write_done)
+                  : sl_stream_writev(s, bufs, n, on_write_done);
   if (rc < 0) {
     sl_conn_close(c);
     return rc;

@@ -171,17 +171,20 @@ int sl_tls_write(sl_tls_t *t, const char *data, size_t n) {
   return 0;
 }
 
-size_t sl_tls_pending_out(sl_tls_t *t, sl_buf_t *out) {
-  size_t total = 0;
-  size_t pending;
-  while ((pending = BIO_ctrl_pending(t->wbio)) > 0) {
-    char *p = sl_buf_reserve(out, pending);
-    int n = BIO_read(t->wbio, p, (int)pending);
-    if (n <= 0) break;
-    out->len += (size_t)n;
-    total += (size_t)n;
+int sl_tls_send(sl_tls_t *t, uv_stream_t *s, sl_write_cb cb) {
+  char chunk[16 * 1024]; /* sl_stream_write copies only what the socket does not take */
+  int n;
+  while ((n = BIO_read(t->wbio, chunk, sizeof(chunk))) > 0) {
+    int rc = sl_stream_write(s, chunk, (size_t)n, cb);
+    if (rc < 0) return rc;
   }
-  return total;
+  return 0;
+}
+
+int sl_tls_writev(sl_tls_t *t, uv_stream_t *s, const uv_buf_t *bufs, unsigned n, sl_write_cb cb) {
+  for (unsigned i = 0; i < n; i++)
+    if (sl_tls_write(t, bufs[i].base, bufs[i].len) != 0) return UV_EPROTO;
+  return sl_tls_send(t, s, cb);
 }
 
 void sl_tls_error(sl_tls_t *t, char *err, size_t errlen) {

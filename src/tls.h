@@ -1,16 +1,18 @@
-/* TLS over libuv streams with OpenSSL memory BIOs: the caller moves ciphertext between the
- * socket and the BIOs; this module runs the handshake, encrypts and decrypts. No I/O here. */
+/* TLS over libuv streams with OpenSSL memory BIOs: the caller feeds ciphertext from the
+ * socket in; this module runs the handshake, encrypts and decrypts, and hands the engine's
+ * output to the stream (sl_tls_send, sl_tls_writev). */
 #ifndef SL_TLS_H
 #define SL_TLS_H
 
 #include "buf.h"
+#include "io.h"
 
 #include <openssl/ssl.h>
 
 typedef struct sl_tls {
   SSL *ssl;
   BIO *rbio; /* ciphertext from the peer, written by sl_tls_feed */
-  BIO *wbio; /* ciphertext for the peer, drained by sl_tls_pending_out */
+  BIO *wbio; /* ciphertext for the peer, drained by sl_tls_send */
   bool handshake_done;
   bool failed; /* a protocol error: the session must not be resumed */
 } sl_tls_t;
@@ -46,8 +48,11 @@ int sl_tls_handshake(sl_tls_t *t);
 int sl_tls_read(sl_tls_t *t, char *buf, size_t cap);
 /* Encrypts plaintext (the ciphertext is then in the write BIO). Returns 0 or SL_TLS_ERROR. */
 int sl_tls_write(sl_tls_t *t, const char *data, size_t n);
-/* Moves pending ciphertext for the peer into out (appended). Returns the bytes moved. */
-size_t sl_tls_pending_out(sl_tls_t *t, sl_buf_t *out);
+/* Writes the ciphertext pending for the peer (handshake, records, alerts, close_notify) to s.
+ * Returns 0 or a negative libuv error. */
+int sl_tls_send(sl_tls_t *t, uv_stream_t *s, sl_write_cb cb);
+/* Encrypts bufs and writes the records to s. Returns 0 or a negative libuv error. */
+int sl_tls_writev(sl_tls_t *t, uv_stream_t *s, const uv_buf_t *bufs, unsigned n, sl_write_cb cb);
 /* Why the last operation failed: the verification result when the certificate was refused,
  * else OpenSSL's error queue (cleared). Writes into err. */
 void sl_tls_error(sl_tls_t *t, char *err, size_t errlen);

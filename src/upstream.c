@@ -43,16 +43,7 @@ static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf) {
 static void tls_connected(sl_upconn_t *u);
 static void tls_failed(sl_upconn_t *u);
 
-/* Sends what the TLS engine produced for the peer. */
-static int tls_flush(sl_upconn_t *u) {
-  sl_buf_t out;
-  sl_buf_init(&out);
-  int rc = 0;
-  if (sl_tls_pending_out(u->tls, &out))
-    rc = sl_stream_write((uv_stream_t *)&u->tcp, out.data, out.len, NULL);
-  sl_buf_free(&out);
-  return rc < 0 ? rc : 0;
-}
+static int tls_flush(sl_upconn_t *u) { return sl_tls_send(u->tls, (uv_stream_t *)&u->tcp, NULL); }
 
 /* Ciphertext arrived: advance the handshake, then hand plaintext to the owner. */
 static void tls_read(sl_upconn_t *u, const char *data, size_t n) {
@@ -226,17 +217,9 @@ static void on_write_done(uv_stream_t *s, int status) {
 }
 
 int sl_upconn_writev(sl_upconn_t *u, const uv_buf_t *bufs, unsigned n) {
-  if (u->tls) {
-    for (unsigned i = 0; i < n; i++)
-      if (sl_tls_write(u->tls, bufs[i].base, bufs[i].len) != 0) return UV_EPROTO;
-    sl_buf_t out;
-    sl_buf_init(&out);
-    sl_tls_pending_out(u->tls, &out);
-    int rc = sl_stream_write((uv_stream_t *)&u->tcp, out.data, out.len, on_write_done);
-    sl_buf_free(&out);
-    return rc < 0 ? rc : 0;
-  }
-  int rc = sl_stream_writev((uv_stream_t *)&u->tcp, bufs, n, on_write_done);
+  uv_stream_t *s = (uv_stream_t *)&u->tcp;
+  int rc = u->tls ? sl_tls_writev(u->tls, s, bufs, n, on_write_done)
+                  : sl_stream_writev(s, bufs, n, on_write_done);
   return rc < 0 ? rc : 0;
 }
 
