@@ -121,6 +121,16 @@ static void build_key(sl_exchange_t *x, const char *custom, size_t custom_len) {
     const char *a = req_header(r, "authorization", &n);
     sl_cache_keyb_add(&kb, a ? "auth" : "no-auth", a ? a : "", a ? n : 0);
   }
+  if (x->route->hook) { /* what the hook decided shapes the upstream request */
+    const char *pool = x->pool_idx >= 0 ? x->gen->cfg->pools[x->pool_idx].name : "";
+    sl_cache_keyb_add(&kb, "pool", pool, strlen(pool));
+    if (x->edits.path) sl_cache_keyb_add(&kb, "upstream-target", x->edits.path, x->edits.path_len);
+    for (uint32_t i = 0; i < x->edits.n; i++) {
+      const sl_hedit_t *e = &x->edits.v[i];
+      sl_cache_keyb_add(&kb, e->value ? "set" : "remove", e->name, e->name_len);
+      if (e->value) sl_cache_keyb_add(&kb, "value", e->value, e->value_len);
+    }
+  }
   for (uint32_t i = 0; i < rc->nkey_headers; i++) {
     const char *v = req_header(r, rc->key_headers[i], &n);
     sl_cache_keyb_add(&kb, rc->key_headers[i], v ? v : "", v ? n : 0);

@@ -399,6 +399,12 @@ static void extract(lua_State *L, int idx, sl_config_t *c) {
     c->routes[i].pool_idx = (uint32_t)sl_config_pool_index(c, c->routes[i].pool);
     lua_getfield(L, r, "cache");
     if (lua_istable(L, -1)) c->routes[i].cache = read_route_cache(L, lua_gettop(L));
+    lua_pop(L, 1);
+    lua_getfield(L, r, "hook");
+    if (lua_istable(L, -1)) {
+      c->routes[i].hook = get_str(L, lua_gettop(L), "policy");
+      c->routes[i].hook_json_max = (uint64_t)get_int(L, lua_gettop(L), "json_max_bytes");
+    }
     lua_pop(L, 2);
   }
   lua_pop(L, 1);
@@ -488,6 +494,7 @@ void sl_config_free(sl_config_t *c) {
     free(c->routes[i].path);
     free(c->routes[i].host);
     free(c->routes[i].pool);
+    free(c->routes[i].hook);
     free_route_cache(c->routes[i].cache);
   }
   free(c->routes);

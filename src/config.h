@@ -86,6 +86,8 @@ typedef struct sl_route_conf {
   char *pool;
   uint32_t pool_idx;
   sl_route_cache_conf_t *cache; /* NULL: not cached */
+  char *hook;                   /* policies/route/<hook>.lua, or NULL */
+  uint64_t hook_json_max;       /* JSON bodies up to this size are decoded for the hook */
 } sl_route_conf_t;
 
 typedef struct sl_listen_conf {

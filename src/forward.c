@@ -1,5 +1,7 @@
 #include "forward.h"
 
+#include <stdio.h>
+#include <stdlib.h>
 #include <strings.h>
 
 bool sl_token_listed(const char *v, size_t list_len, const char *name, size_t nlen) {
@@ -42,13 +44,132 @@ static bool skip_request_header(const char *n, size_t len) {
   }
 }
 
+/* Header edits ---------------------------------------------------------------------------- */
+
+static bool is_tchar(unsigned char ch) {
+  return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+         (ch && strchr("!#$%&'*+-.^_`|~", ch));
+}
+
+/* Headers whose value the gateway computes (framing, hop-by-hop, tracing): a hook that could
+ * set them could desynchronize the two ends of a connection. */
+static bool managed_header(const char *n, size_t len, bool response) {
+  static const char *const both[] = {"content-length", "transfer-encoding", "connection",
+                                     "keep-alive", "upgrade", "te", "trailer", "x-request-id",
+                                     "proxy-connection"};
+  static const char *const req[] = {"host", "expect", "x-forwarded-for", "x-forwarded-proto",
+                                    "x-forwarded-host"};
+  for (size_t i = 0; i < SL_ARRAY_SIZE(both); i++)
+    if (sl_strieq(n, len, both[i])) return true;
+  for (size_t i = 0; !response && i < SL_ARRAY_SIZE(req); i++)
+    if (sl_strieq(n, len, req[i])) return true;
+  return false;
+}
+
+int sl_hedits_put(sl_hedits_t *e, const char *name, size_t nlen, const char *value, size_t vlen,
+                  bool response, char *err, size_t errlen) {
+  if (nlen == 0 || nlen > 256) {
+    snprintf(err, errlen, "header name must be 1 to 256 characters");
+    return -1;
+  }
+  for (size_t i = 0; i < nlen; i++)
+    if (!is_tchar((unsigned char)name[i])) {
+      snprintf(err, errlen, "header name \"%.*s\" is not a valid token", (int)SL_MIN(nlen, 64), name);
+      return -1;
+    }
+  if (managed_header(name, nlen, response)) {
+    snprintf(err, errlen, "header %.*s is managed by the gateway", (int)nlen, name);
+    return -1;
+  }
+  if (value) {
+    if (vlen > 65536) {
+      snprintf(err, errlen, "header %.*s: value longer than 64 KiB", (int)nlen, name);
+      return -1;
+    }
+    for (size_t i = 0; i < vlen; i++) {
+      unsigned char ch = (unsigned char)value[i];
+      if ((ch < 0x20 && ch != '\t') || ch == 0x7f) {
+        snprintf(err, errlen, "header %.*s: value contains a control character", (int)nlen, name);
+        return -1;
+      }
+    }
+  }
+  for (uint32_t i = 0; i < e->n; i++) { /* the latest edit of a name wins */
+    if (e->v[i].name_len != nlen || strncasecmp(e->v[i].name, name, nlen) != 0) continue;
+    free(e->v[i].name);
+    free(e->v[i].value);
+    memmove(&e->v[i], &e->v[i + 1], (e->n - i - 1) * sizeof(sl_hedit_t));
+    e->n--;
+    break; /* there is at most one */
+  }
+  if (e->n == e->cap) {
+    e->cap = e->cap ? 2 * e->cap : 4;
+    e->v = sl_realloc(e->v, e->cap * sizeof(sl_hedit_t));
+  }
+  sl_hedit_t *h = &e->v[e->n++];
+  h->name = sl_strndup(name, nlen);
+  h->name_len = (uint32_t)nlen;
+  h->value = value ? sl_strndup(value, vlen) : NULL;
+  h->value_len = value ? (uint32_t)vlen : 0;
+  return 0;
+}
+
+int sl_hedits_set_path(sl_hedits_t *e, const char *path, size_t len, char *err, size_t errlen) {
+  if (len == 0 || path[0] != '/' || len > 8192) {
+    snprintf(err, errlen, "set_path: expected a path starting with / (at most 8 KiB)");
+    return -1;
+  }
+  for (size_t i = 0; i < len; i++) {
+    unsigned char ch = (unsigned char)path[i];
+    if (ch <= 0x20 || ch >= 0x7f || ch == '#') {
+      snprintf(err, errlen, "set_path: character %zu is not allowed in a request target "
+                            "(percent-encode it)", i + 1);
+      return -1;
+    }
+  }
+  free(e->path);
+  e->path = sl_strndup(path, len);
+  e->path_len = (uint32_t)len;
+  return 0;
+}
+
+bool sl_hedits_covers(const sl_hedits_t *e, const char *name, size_t nlen) {
+  for (uint32_t i = 0; i < e->n; i++)
+    if (e->v[i].name_len == nlen && strncasecmp(e->v[i].name, name, nlen) == 0) return true;
+  return false;
+}
+
+void sl_hedits_append(const sl_hedits_t *e, sl_buf_t *out) {
+  for (uint32_t i = 0; i < e->n; i++) {
+    if (!e->v[i].value) continue;
+    sl_buf_append2(out, e->v[i].name, e->v[i].name_len, ": ");
+    sl_buf_append2(out, e->v[i].value, e->v[i].value_len, "\r\n");
+  }
+}
+
+void sl_hedits_clear(sl_hedits_t *e) {
+  for (uint32_t i = 0; i < e->n; i++) {
+    free(e->v[i].name);
+    free(e->v[i].value);
+  }
+  free(e->v);
+  free(e->path);
+  memset(e, 0, sizeof(*e));
+}
+
+/* Requests --------------------------------------------------------------------------------- */
+
 void sl_forward_request(sl_buf_t *b, const sl_http_req_t *r, const sl_endpoint_t *ep,
                         const sl_forward_opts_t *o) {
   b->len = 0;
   sl_buf_appends(b, sl_http_method_str(r->method));
   sl_buf_append(b, " ", 1);
   sl_buf_appends(b, ep->path_prefix);
-  sl_buf_append2(b, sl_http_req_url(r), r->url_len, " HTTP/1.1\r\nHost: ");
+  const sl_hedits_t *e = o->edits && (o->edits->n || o->edits->path) ? o->edits : NULL;
+  if (e && e->path)
+    sl_buf_append2(b, e->path, e->path_len, " HTTP/1.1\r\nHost: ");
+  else
+    sl_buf_append2(b, sl_http_req_url(r), r->url_len, " HTTP/1.1\r\nHost: ");
   const sl_header_t *host = r->host_idx >= 0 ? &r->headers[r->host_idx] : NULL;
   if (o->preserve_host && host)
     sl_buf_append2(b, sl_http_req_str(r, host->value_off), host->value_len, "\r\n");
@@ -61,9 +182,11 @@ void sl_forward_request(sl_buf_t *b, const sl_http_req_t *r, const sl_endpoint_t
     if (skip_request_header(n, h->name_len)) continue;
     if (connection_lists(r, n, h->name_len)) continue;
     if (h->name_len == 24 && sl_strieq(n, 24, "sec-websocket-extensions")) continue;
+    if (e && sl_hedits_covers(e, n, h->name_len)) continue;
     sl_buf_append2(b, n, h->name_len, ": ");
     sl_buf_append2(b, sl_http_req_str(r, h->value_off), h->value_len, "\r\n");
   }
+  if (e) sl_hedits_append(e, b);
   /* X-Forwarded-For: every value the client sent, in order, then the client's address. */
   sl_buf_appends(b, "X-Forwarded-For: ");
   for (uint32_t i = 0; i < r->nheaders; i++) {

@@ -43,6 +43,11 @@ typedef struct sl_http_req {
   int32_t request_id_idx;
   sl_buf_t body;
 
+  /* Set when the request is dispatched, for policies: */
+  uint64_t seq;        /* unique per worker (req.json is decoded once per seq) */
+  const char *peer;    /* client address (req.client) */
+  uint64_t json_max;   /* req.json decodes bodies up to this size */
+
   uint16_t err_status; /* set when parsing failed */
   const char *err_msg;
 } sl_http_req_t;

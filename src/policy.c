@@ -2,12 +2,16 @@
 
 #include "telemetry.h"
 
+#include "forward.h"
 #include "http1.h"
 #include "log.h"
+#include "proxy.h"
+#include "server.h"
 
 #include <lauxlib.h>
 #include <luajit.h>
 #include <lualib.h>
+#include <openssl/evp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -74,6 +78,9 @@ const char *sl_bundled_policy_dir(void) {
   return runtime_dir("SLUICE_POLICY_DIR", SLUICE_POLICY_DIR, SLUICE_POLICY_DIR_INSTALLED);
 }
 
+/* lua-cjson (Debian's lua-cjson, linked in): the runtime decodes JSON bodies with it. */
+int luaopen_cjson(lua_State *L);
+
 lua_State *sl_lua_newstate(void) {
   lua_State *L = luaL_newstate();
   if (!L) {
@@ -86,7 +93,10 @@ lua_State *sl_lua_newstate(void) {
   lua_setfield(L, -2, "path");
   lua_pushliteral(L, "");
   lua_setfield(L, -2, "cpath");
-  lua_pop(L, 1);
+  lua_getfield(L, -1, "preload");
+  lua_pushcfunction(L, luaopen_cjson);
+  lua_setfield(L, -2, "cjson");
+  lua_pop(L, 2);
   sl_lua_set_mode(L, false, (uint64_t)(budget_steps * SL_BUDGET_STEP));
   return L;
 }
@@ -177,6 +187,26 @@ static int l_log(lua_State *L) {
   return 0;
 }
 
+/* Whether req.json decodes this body: a JSON media type (application/json or any +json), or
+ * a body that starts like a JSON object or array sent without a type or as a form (what
+ * `curl -d` does), within the size limit. */
+static bool json_body(const sl_http_req_t *r) {
+  if (!r->body.len || r->body.len > r->json_max) return false;
+  int i = sl_http_req_find(r, "content-type");
+  if (i >= 0) {
+    const char *v = sl_http_req_str(r, r->headers[i].value_off);
+    size_t n = r->headers[i].value_len, end = 0;
+    while (end < n && v[end] != ';' && v[end] != ' ') end++;
+    if (sl_strieq(v, end, "application/json") ||
+        (end >= 5 && sl_strieq(v + end - 5, 5, "+json")))
+      return true;
+    if (!sl_strieq(v, end, "application/x-www-form-urlencoded")) return false;
+  }
+  size_t p = 0;
+  while (p < r->body.len && strchr(" \t\r\n", r->body.data[p])) p++;
+  return p < r->body.len && (r->body.data[p] == '{' || r->body.data[p] == '[');
+}
+
 /* req object accessors: read the request currently being decided on. */
 static int l_req_field(lua_State *L) {
   sl_worker_t *w = upworker(L);
@@ -204,6 +234,18 @@ static int l_req_field(lua_State *L) {
     lua_pushnumber(L, (lua_Number)r->body.len);
   } else if (strcmp(k, "body") == 0) {
     lua_pushlstring(L, r->body.data ? r->body.data : "", r->body.len);
+  } else if (strcmp(k, "client") == 0) {
+    if (!r->peer) return 0;
+    lua_pushstring(L, r->peer);
+  } else if (strcmp(k, "pool") == 0) { /* on_response: the pool that served */
+    const sl_exchange_t *x = w->hook_res;
+    if (!x || x->pool_idx < 0) return 0;
+    lua_pushstring(L, x->gen->cfg->pools[x->pool_idx].name);
+  } else if (strcmp(k, "seq") == 0) {
+    lua_pushnumber(L, (lua_Number)r->seq);
+  } else if (strcmp(k, "json_body") == 0) {
+    if (!json_body(r)) return 0;
+    lua_pushlstring(L, r->body.data, r->body.len);
   } else {
     return 0;
   }
@@ -292,8 +334,111 @@ static int l_metric_update(lua_State *L) {
   return 0;
 }
 
-static const luaL_Reg sluice_fns[] = {
-    {"now_ms", l_now_ms}, {"random", l_random}, {"hash", l_hash}, {"log", l_log}, {NULL, NULL}};
+/* req:set_header / res:set_header and friends (upvalue 2: the phase they belong to). */
+static int edit_error(lua_State *L, const char *msg) {
+  luaL_where(L, 2); /* the policy line: level 1 is the method wrapper in runtime.lua */
+  lua_pushstring(L, msg);
+  lua_concat(L, 2);
+  return lua_error(L);
+}
+
+static sl_hedits_t *edit_target(lua_State *L, const char *what) {
+  sl_worker_t *w = upworker(L);
+  int phase = (int)lua_tointeger(L, lua_upvalueindex(2));
+  if (!w->hook_edits || w->hook_phase != phase) {
+    char msg[160];
+    snprintf(msg, sizeof(msg), "%s is only available in %s", what,
+             phase == SL_HOOK_REQUEST ? "on_request" : "on_response");
+    edit_error(L, msg);
+  }
+  return w->hook_edits;
+}
+
+static int l_edit_header(lua_State *L, bool set) {
+  sl_worker_t *w = upworker(L);
+  bool response = lua_tointeger(L, lua_upvalueindex(2)) == SL_HOOK_RESPONSE;
+  sl_hedits_t *e = edit_target(L, set ? (response ? "res:set_header" : "req:set_header")
+                                      : (response ? "res:remove_header" : "req:remove_header"));
+  size_t nlen = 0, vlen = 0;
+  const char *name = lua_type(L, 1) == LUA_TSTRING ? lua_tolstring(L, 1, &nlen) : NULL;
+  const char *value = NULL;
+  if (!name) return edit_error(L, "header name must be a string");
+  if (set) {
+    int t = lua_type(L, 2);
+    if (t != LUA_TSTRING && t != LUA_TNUMBER) return edit_error(L, "header value must be a string");
+    value = lua_tolstring(L, 2, &vlen);
+  }
+  char err[200];
+  if (sl_hedits_put(e, name, nlen, value, vlen, response, err, sizeof(err)) != 0)
+    return edit_error(L, err);
+  (void)w;
+  return 0;
+}
+static int l_edit_set_header(lua_State *L) { return l_edit_header(L, true); }
+static int l_edit_remove_header(lua_State *L) { return l_edit_header(L, false); }
+
+static int l_edit_set_path(lua_State *L) {
+  sl_hedits_t *e = edit_target(L, "req:set_path");
+  size_t len = 0;
+  const char *path = lua_type(L, 1) == LUA_TSTRING ? lua_tolstring(L, 1, &len) : NULL;
+  if (!path) return edit_error(L, "set_path: expected a string");
+  char err[200];
+  if (sl_hedits_set_path(e, path, len, err, sizeof(err)) != 0) return edit_error(L, err);
+  return 0;
+}
+
+/* res object accessors: the upstream response on_response is looking at. */
+static int l_res_field(lua_State *L) {
+  const sl_exchange_t *x = upworker(L)->hook_res;
+  const char *k = luaL_checkstring(L, 1);
+  if (!x) return 0;
+  if (strcmp(k, "status") == 0) {
+    lua_pushinteger(L, x->status);
+    return 1;
+  }
+  return 0;
+}
+
+static int l_res_header(lua_State *L) {
+  const sl_exchange_t *x = upworker(L)->hook_res;
+  const char *name = luaL_checkstring(L, 1);
+  size_t len = 0;
+  const char *v = x ? sl_proxy_response_header(x, name, &len) : NULL;
+  if (!v) return 0;
+  lua_pushlstring(L, v, len);
+  return 1;
+}
+
+/* Pushes { set_header, remove_header, set_path } bound to a phase. */
+static void push_edit_table(lua_State *L, sl_worker_t *w, int phase) {
+  static const luaL_Reg fns[] = {{"set_header", l_edit_set_header},
+                                 {"remove_header", l_edit_remove_header},
+                                 {"set_path", l_edit_set_path}, {NULL, NULL}};
+  lua_newtable(L);
+  for (const luaL_Reg *f = fns; f->name; f++) {
+    lua_pushlightuserdata(L, w);
+    lua_pushinteger(L, phase);
+    lua_pushcclosure(L, f->func, 2);
+    lua_setfield(L, -2, f->name);
+  }
+}
+
+/* sluice.sha256(s): lowercase hex digest, e.g. to turn a secret into a stable identifier. */
+static int l_sha256(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned int mdlen = 0;
+  if (!EVP_Digest(s, len, md, &mdlen, EVP_sha256(), NULL)) return luaL_error(L, "sha256 failed");
+  char hex[2 * EVP_MAX_MD_SIZE + 1];
+  for (unsigned int i = 0; i < mdlen; i++) snprintf(hex + 2 * i, 3, "%02x", md[i]);
+  lua_pushlstring(L, hex, 2 * mdlen);
+  return 1;
+}
+
+static const luaL_Reg sluice_fns[] = {{"now_ms", l_now_ms}, {"random", l_random},
+                                      {"hash", l_hash},     {"log", l_log},
+                                      {"sha256", l_sha256}, {NULL, NULL}};
 
 /* Calls require(name).fn(args...) leaving nresults on the stack. */
 static int call_module(lua_State *L, const char *mod, const char *fn, int nargs, int nresults,
@@ -356,15 +501,27 @@ int sl_policy_init(sl_worker_t *w, char *err, size_t errlen) {
   lua_getglobal(L, "require");
   lua_pushliteral(L, "sluice.runtime");
   if (sl_lua_pcall(L, 1, 1, err, errlen) != 0) return -1;
+  lua_getfield(L, LUA_REGISTRYINDEX, "sluice.module");
+  lua_getfield(L, -2, "json");
+  lua_setfield(L, -2, "json"); /* sluice.json = runtime.json (lua-cjson) */
+  lua_pop(L, 1);
   w->lua_hooks = luaL_ref(L, LUA_REGISTRYINDEX);
 
-  /* The reusable req object. */
+  /* The reusable req and res objects. */
   lua_pushlightuserdata(L, w);
   lua_pushcclosure(L, l_req_field, 1);
   lua_pushlightuserdata(L, w);
   lua_pushcclosure(L, l_req_header, 1);
-  if (call_module(L, "sluice.runtime", "make_req", 2, 1, err, errlen) != 0) return -1;
+  push_edit_table(L, w, SL_HOOK_REQUEST);
+  if (call_module(L, "sluice.runtime", "make_req", 3, 1, err, errlen) != 0) return -1;
   w->lua_req = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_pushlightuserdata(L, w);
+  lua_pushcclosure(L, l_res_field, 1);
+  lua_pushlightuserdata(L, w);
+  lua_pushcclosure(L, l_res_header, 1);
+  push_edit_table(L, w, SL_HOOK_RESPONSE);
+  if (call_module(L, "sluice.runtime", "make_res", 3, 1, err, errlen) != 0) return -1;
+  w->lua_res = luaL_ref(L, LUA_REGISTRYINDEX);
   return 0;
 }
 
@@ -595,4 +752,141 @@ void sl_policy_add_ext(sl_worker_t *w, const sl_ext_t *ext, size_t n) {
     lua_setfield(L, -2, ext[i].name);
   }
   lua_pop(L, 2);
+}
+
+/* Route hooks ---------------------------------------------------------------------------- */
+
+void sl_hook_result_free(sl_hook_result_t *r) {
+  free(r->content_type);
+  free(r->headers);
+  free(r->body);
+  memset(r, 0, sizeof(*r));
+}
+
+int sl_policy_route_load(sl_worker_t *w, sl_gen_t *g, int cfg_idx, uint32_t i, char *err,
+                         size_t errlen) {
+  lua_State *L = w->L;
+  const sl_config_t *cfg = g->cfg;
+  const sl_route_conf_t *rc = &cfg->routes[i];
+  sl_route_hook_t *h = &g->route_hooks[i];
+  int top = lua_gettop(L);
+  char perr[1024], path[64];
+  snprintf(path, sizeof(path), "routes[%u].hook", i + 1);
+  if (sl_policy_load(w, g, "route", rc->hook, perr, sizeof(perr)) != 0) goto fail;
+  int mod = lua_gettop(L);
+  lua_getfield(L, cfg_idx, "routes");
+  lua_rawgeti(L, -1, (int)i + 1);
+  lua_getfield(L, -1, "hook");
+  lua_getfield(L, -1, "options");
+  int opts = lua_gettop(L);
+  /* runtime.route_init(mod, options, pool_names, config_dir) */
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->lua_hooks);
+  lua_getfield(L, -1, "route_init");
+  lua_remove(L, -2);
+  lua_pushvalue(L, mod);
+  lua_pushvalue(L, opts);
+  lua_createtable(L, (int)cfg->npools, 0);
+  for (uint32_t p = 0; p < cfg->npools; p++) {
+    lua_pushstring(L, cfg->pools[p].name);
+    lua_rawseti(L, -2, (int)p + 1);
+  }
+  lua_pushstring(L, cfg->dir ? cfg->dir : ".");
+  if (sl_lua_pcall(L, 4, 0, perr, sizeof(perr)) != 0) goto fail;
+  lua_pushvalue(L, opts);
+  h->options = luaL_ref(L, LUA_REGISTRYINDEX);
+  lua_getfield(L, mod, "on_request");
+  if (lua_isfunction(L, -1)) h->on_request = luaL_ref(L, LUA_REGISTRYINDEX);
+  else lua_pop(L, 1);
+  lua_getfield(L, mod, "on_response");
+  if (lua_isfunction(L, -1)) h->on_response = luaL_ref(L, LUA_REGISTRYINDEX);
+  else lua_pop(L, 1);
+  lua_settop(L, top);
+  return 0;
+fail:
+  lua_settop(L, top);
+  sl_config_error(L, cfg, path, perr, err, errlen);
+  return -1;
+}
+
+/* Copies the string at idx (NULL when it is not a string). */
+static char *dup_string(lua_State *L, int idx, size_t *len) {
+  size_t n = 0;
+  const char *s = lua_type(L, idx) == LUA_TSTRING ? lua_tolstring(L, idx, &n) : NULL;
+  if (len) *len = n;
+  return s ? sl_strndup(s, n) : NULL;
+}
+
+int sl_policy_on_request(sl_worker_t *w, const sl_gen_t *g, const sl_route_conf_t *route,
+                         const sl_http_req_t *req, const char *request_id, sl_hedits_t *edits,
+                         sl_hook_result_t *res, char *err, size_t errlen) {
+  lua_State *L = w->L;
+  const sl_route_hook_t *h = &g->route_hooks[route - g->cfg->routes];
+  memset(res, 0, sizeof(*res));
+  if (h->on_request == LUA_NOREF) return 0;
+  int base = lua_gettop(L);
+  w->hook_req = req;
+  w->hook_request_id = request_id;
+  w->hook_attempt = 0;
+  w->hook_edits = edits;
+  w->hook_phase = SL_HOOK_REQUEST;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->lua_traceback);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->lua_hooks);
+  lua_getfield(L, -1, "route_request");
+  lua_remove(L, -2);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, h->on_request);
+  lua_pushfstring(L, "route policy %s", route->hook);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, h->options);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->lua_req);
+  int rc = hot_pcall(w, base, 4, 5, err, errlen);
+  w->hook_edits = NULL;
+  w->hook_phase = SL_HOOK_NONE;
+  if (rc != 0) return -1;
+  const char *kind = lua_tostring(L, base + 1);
+  if (kind && strcmp(kind, "pool") == 0) {
+    const char *name = lua_tostring(L, base + 2);
+    res->kind = SL_HOOK_POOL;
+    res->pool_idx = sl_config_pool_index(g->cfg, name);
+    if (res->pool_idx < 0) {
+      snprintf(err, errlen, "route policy %s: on_request chose pool \"%.100s\", which the config "
+                            "does not define", route->hook, name);
+      rc = -1;
+    }
+  } else if (kind && strcmp(kind, "respond") == 0) {
+    res->kind = SL_HOOK_RESPOND;
+    res->status = (int)lua_tointeger(L, base + 2);
+    res->content_type = dup_string(L, base + 3, NULL);
+    res->headers = dup_string(L, base + 4, NULL);
+    res->body = dup_string(L, base + 5, &res->body_len);
+  }
+  lua_settop(L, base);
+  return rc;
+}
+
+int sl_policy_on_response(sl_worker_t *w, const sl_exchange_t *x, sl_hedits_t *edits, char *err,
+                          size_t errlen) {
+  lua_State *L = w->L;
+  const sl_gen_t *g = x->gen;
+  const sl_route_hook_t *h = &g->route_hooks[x->route - g->cfg->routes];
+  if (h->on_response == LUA_NOREF) return 0;
+  int base = lua_gettop(L);
+  w->hook_req = &x->conn->req;
+  w->hook_request_id = x->request_id;
+  w->hook_attempt = x->attempts;
+  w->hook_res = x;
+  w->hook_edits = edits;
+  w->hook_phase = SL_HOOK_RESPONSE;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->lua_traceback);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->lua_hooks);
+  lua_getfield(L, -1, "route_response");
+  lua_remove(L, -2);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, h->on_response);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, h->options);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->lua_req);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, w->lua_res);
+  int rc = hot_pcall(w, base, 4, 0, err, errlen);
+  w->hook_edits = NULL;
+  w->hook_res = NULL;
+  w->hook_phase = SL_HOOK_NONE;
+  lua_settop(L, base);
+  return rc;
 }

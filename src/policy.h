@@ -88,4 +88,33 @@ int sl_policy_cache_key(sl_worker_t *w, int ref, const struct sl_http_req *req,
                         const char *request_id, const char *policy, char **custom,
                         size_t *custom_len, char *err, size_t errlen);
 
+/* What a route's on_request asked for. Strings are malloc'd (sl_hook_result_free). */
+typedef struct sl_hook_result {
+  enum { SL_HOOK_PROCEED = 0, SL_HOOK_POOL, SL_HOOK_RESPOND } kind;
+  int pool_idx;        /* SL_HOOK_POOL */
+  int status;          /* SL_HOOK_RESPOND: the direct response */
+  char *content_type, *headers; /* headers: "Name: value\r\n" lines */
+  char *body;
+  size_t body_len;
+} sl_hook_result_t;
+void sl_hook_result_free(sl_hook_result_t *r);
+
+/* Loads routes[i].hook for generation g (policy, init(options, ctx)) into g->route_hooks[i]. A
+ * failure names the config key. */
+int sl_policy_route_load(sl_worker_t *w, sl_gen_t *g, int cfg_idx, uint32_t i, char *err,
+                         size_t errlen);
+
+/* Runs the route's on_request for req; header and path changes go into *edits. Returns 0
+ * with *res filled, or -1 with err filled (the hook failed or returned something invalid). */
+int sl_policy_on_request(sl_worker_t *w, const sl_gen_t *g, const sl_route_conf_t *route,
+                         const struct sl_http_req *req, const char *request_id,
+                         struct sl_hedits *edits, sl_hook_result_t *res, char *err,
+                         size_t errlen);
+
+/* Runs the route's on_response for the response x is relaying; header changes go into
+ * *edits. Returns 0, or -1 with err filled. */
+struct sl_exchange;
+int sl_policy_on_response(sl_worker_t *w, const struct sl_exchange *x, struct sl_hedits *edits,
+                          char *err, size_t errlen);
+
 #endif

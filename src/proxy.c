@@ -91,6 +91,7 @@ static void mark_retrying(sl_exchange_t *x) {
 
 static void end_exchange(sl_exchange_t *x) {
   sl_cache_flow_end(x);
+  if (x->edits.n || x->edits.path) sl_hedits_clear(&x->edits);
   uv_timer_stop(&x->timer);
   set_pool(x, NULL);
   x->retrying = false;
@@ -286,7 +287,7 @@ static void send_request(sl_exchange_t *x) {
     x->ep->view.queued--;
     x->connecting = false;
   }
-  x->got_bytes = x->message_done = x->skip_message = x->status_retry = false;
+  x->got_bytes = x->message_done = x->skip_message = x->status_retry = x->hook_failed = false;
   x->nrhdr = 0;
   x->rstr.len = 0;
   x->rfield = 0;
@@ -427,7 +428,7 @@ static void ws_handshake_done(sl_exchange_t *x, const char *data, ssize_t n) {
   x->head_sent = true;      /* from here on, failures close the session instead */
   sl_conn_t *c = x->conn;
   c->state = SL_CONN_WS;
-  sl_route_m_t *rm = sl_route_m(x->gen, x->route);
+  sl_route_pool_m_t *rm = sl_telemetry_route_pool(x);
   sl_telemetry_count(x, 101);
   if (rm->ws_total) sl_m_inc(rm->ws_total, 1);
   if (rm->ws_open) sl_m_inc(rm->ws_open, 1);
@@ -451,7 +452,7 @@ void sl_proxy_ws_end(sl_exchange_t *x, bool client_alive, bool upstream_ok) {
   end_attempt(x, &o);
   x->bytes_out = sl_ws_bytes_to_client(ws);
   sl_telemetry_log(x, 101);
-  sl_route_m_t *rm = sl_route_m(x->gen, x->route);
+  sl_route_pool_m_t *rm = sl_telemetry_route_pool(x);
   if (rm->ws_open) sl_m_inc(rm->ws_open, -1);
   end_exchange(x);
   sl_ws_free(ws); /* deferred while the session's own callbacks run */
@@ -486,6 +487,16 @@ static void on_up_read(void *ctx, sl_upconn_t *u, const char *data, ssize_t n) {
     sl_outcome_t o = outcome(x, "response", x->status);
     attempt_failed(x, &o, x->retry_delay_ms, 502, "upstream_error", "%s answered %d", x->ep->url,
                    x->status);
+    return;
+  }
+  if (x->hook_failed) { /* the upstream did its part; the rest of its response is dropped */
+    x->out.len = 0;
+    sl_upconn_close(x->up);
+    x->up = NULL;
+    sl_outcome_t o = outcome(x, "response", x->status);
+    end_attempt(x, &o);
+    respond_error(x, 500, "policy_error", "the route policy of %s failed; see the gateway log",
+                  x->route->path);
     return;
   }
   flush_out(x);
@@ -625,6 +636,18 @@ static int ws_handshake_head(sl_exchange_t *x, int status) {
   return HPE_PAUSED;
 }
 
+/* The route's on_response. False when it failed (logged, counted; the exchange answers 500). */
+static bool run_on_response(sl_exchange_t *x, sl_hedits_t *edits) {
+  char err[512];
+  if (sl_policy_on_response(W(x), x, edits, err, sizeof(err)) == 0) return true;
+  sl_hedits_clear(edits);
+  W(x)->stats.policy_errors++;
+  sl_telemetry_policy_error(x->gen->route_hooks[x->route - x->gen->cfg->routes].errors);
+  SL_ERROR("policy error (route %s, on_response): %s", x->route->path, err);
+  x->hook_failed = true;
+  return false;
+}
+
 static int r_headers_complete(llhttp_t *p) {
   sl_exchange_t *x = X(p);
   sl_conn_t *c = x->conn;
@@ -651,6 +674,8 @@ static int r_headers_complete(llhttp_t *p) {
     }
   }
   if (status >= 400 && retry_on_status(x, status)) return HPE_PAUSED;
+  sl_hedits_t redits = {0};
+  if (x->gen->route_hooks && x->route->hook && !run_on_response(x, &redits)) return HPE_PAUSED;
 
   bool no_body = x->head_request || status == 204 || status == 304;
   bool has_cl = (p->flags & F_CONTENT_LENGTH) && !(p->flags & F_CHUNKED);
@@ -665,12 +690,17 @@ static int r_headers_complete(llhttp_t *p) {
     const uint32_t *h = &x->rhdr[4 * i];
     const char *n = x->rstr.data + h[0];
     if (sl_forward_skip_response_header(n, h[1], conn_tokens, conn_len)) continue;
+    if (redits.n && sl_hedits_covers(&redits, n, h[1])) continue;
     /* On a cached route the gateway's own x-cache headers replace the upstream's. */
     if (x->cache_result != SL_CACHE_NONE && h[1] >= 7 && sl_strieq(n, 7, "x-cache") &&
         (h[1] == 7 || sl_strieq(n, h[1], "x-cache-key")))
       continue;
     sl_buf_append2(o, n, h[1], ": ");
     sl_buf_append2(o, x->rstr.data + h[2], h[3], "\r\n");
+  }
+  if (redits.n) {
+    sl_hedits_append(&redits, o);
+    sl_hedits_clear(&redits);
   }
   size_t head_end = o->len;
   if (x->cache_result != SL_CACHE_NONE) {
@@ -758,7 +788,8 @@ static void start_attempt(sl_exchange_t *x, sl_endpoint_t *ep, uint32_t idx) {
   ep->view.queued++;
   sl_forward_opts_t fo = {.client_ip = x->conn->peer, .request_id = x->request_id,
                           .preserve_host = x->pool->conf->preserve_host,
-                          .websocket = x->ws_upgrade, .tls = x->conn->tls != NULL};
+                          .websocket = x->ws_upgrade, .tls = x->conn->tls != NULL,
+                          .edits = &x->edits};
   sl_forward_request(&x->upreq, &x->conn->req, ep, &fo);
   x->attempt_ms = sl_worker_now(w);
   x->got_bytes = false;
@@ -878,7 +909,7 @@ void sl_proxy_abort(sl_exchange_t *x) {
   if (x->ws) { /* the session's line; it was counted at its 101 */
     x->bytes_out = sl_ws_bytes_to_client(x->ws);
     sl_telemetry_log(x, 101);
-    sl_route_m_t *rm = sl_route_m(x->gen, x->route);
+    sl_route_pool_m_t *rm = sl_telemetry_route_pool(x);
     if (rm->ws_open) sl_m_inc(rm->ws_open, -1);
   } else {
     sl_telemetry_request_done(x, 499); /* the client went away first (nginx's 499) */
@@ -896,6 +927,43 @@ void sl_proxy_abort(sl_exchange_t *x) {
   end_exchange(x);
 }
 
+/* The route's on_request. False when the exchange was answered (directly by the hook, or with
+ * a 500 when the hook failed). */
+static bool run_on_request(sl_exchange_t *x) {
+  sl_conn_t *c = x->conn;
+  sl_worker_t *w = c->w;
+  const sl_route_conf_t *route = x->route;
+  sl_hook_result_t res;
+  char err[512];
+  if (sl_policy_on_request(w, x->gen, route, &c->req, x->request_id, &x->edits, &res, err,
+                           sizeof(err)) != 0) {
+    w->stats.policy_errors++;
+    sl_telemetry_policy_error(x->gen->route_hooks[route - x->gen->cfg->routes].errors);
+    SL_ERROR("policy error (route %s, on_request): %s", route->path, err);
+    x->pool_idx = -1;
+    respond_error(x, 500, "policy_error", "the route policy of %s failed; see the gateway log",
+                  route->path);
+    return false;
+  }
+  if (res.kind == SL_HOOK_POOL) {
+    x->pool_idx = res.pool_idx;
+    return true;
+  }
+  if (res.kind != SL_HOOK_RESPOND) return true;
+  x->pool_idx = -1;
+  sl_buf_t out;
+  sl_buf_init(&out);
+  bool keep = sl_conn_format(c, res.status, res.content_type, res.body, res.body_len, res.headers,
+                             true, &out);
+  x->bytes_out += out.len;
+  sl_telemetry_request_done(x, res.status);
+  end_exchange(x);
+  sl_conn_send_formatted(c, res.status, &out, keep);
+  sl_buf_free(&out);
+  sl_hook_result_free(&res);
+  return false;
+}
+
 void sl_proxy_start(sl_conn_t *c) {
   sl_exchange_t *x = &c->x;
   sl_worker_t *w = c->w;
@@ -911,6 +979,7 @@ void sl_proxy_start(sl_conn_t *c) {
   x->queue_wait_ms = x->ttfb_ms = -1;
   x->bytes_out = 0;
   x->route = NULL;
+  x->pool_idx = -1;
   x->cache_result = SL_CACHE_NONE;
   x->ws_upgrade = false;
   sl_conn_request_id(c);
@@ -928,9 +997,15 @@ void sl_proxy_start(sl_conn_t *c) {
                   sl_http_req_url(r));
     return;
   }
+  x->route = route;
+  x->pool_idx = (int32_t)route->pool_idx;
+  c->req.seq = ++w->req_seq;
+  c->req.peer = c->peer;
+  c->req.json_max = route->hook ? route->hook_json_max : 64 * 1024;
+  if (route->hook && !run_on_request(x)) return;
   /* Upgrades are honoured on WebSocket pools; elsewhere Upgrade is an ignored hop-by-hop
    * header (RFC 9110 7.8) and the request proceeds as plain HTTP. */
-  const sl_pool_t *pool = &x->gen->pools[route->pool_idx];
+  const sl_pool_t *pool = &x->gen->pools[x->pool_idx];
   const char *why = NULL;
   int ws = pool->conf->websocket ? sl_ws_upgrade_kind(r, &why) : 0;
   if (ws < 0) {
@@ -939,7 +1014,6 @@ void sl_proxy_start(sl_conn_t *c) {
   }
   x->ws_upgrade = ws == 1;
   x->ws_ready = x->ws_refused = x->ws_bad_accept = false;
-  x->route = route;
   x->cache_result = SL_CACHE_NONE;
   if (route->cache && !x->ws_upgrade) {
     char err[512];
@@ -965,7 +1039,7 @@ void sl_proxy_start(sl_conn_t *c) {
 }
 
 void sl_proxy_go_upstream(sl_exchange_t *x) {
-  set_pool(x, &x->gen->pools[x->route->pool_idx]);
+  set_pool(x, &x->gen->pools[x->pool_idx]);
   dispatch(x);
 }
 

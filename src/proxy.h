@@ -6,6 +6,7 @@
 
 #include "buf.h"
 #include "cache.h"
+#include "forward.h"
 #include "worker.h"
 
 #include <llhttp.h>
@@ -75,6 +76,9 @@ typedef struct sl_exchange {
   bool ws_bad_accept;     /* ... or with a wrong Sec-WebSocket-Accept */
   struct sl_ws *ws;       /* the session, once both sides switched protocols */
   const sl_route_conf_t *route;
+  int32_t pool_idx;        /* the pool the route or its hook chose; -1 before (or none) */
+  sl_hedits_t edits;       /* the route hook's changes to the upstream request */
+  bool hook_failed;        /* on_response failed: the response is replaced by a 500 */
   /* Cache (cache_flow.c) */
   struct sl_cfill *cfill;  /* the fill this exchange leads, or waits for */
   sl_list_t cwait;         /* in cfill->waiters */

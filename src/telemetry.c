@@ -203,6 +203,32 @@ static void release_all(sl_mseries_t **s, size_t n) {
   for (size_t i = 0; i < n; i++) sl_mseries_release(s[i]);
 }
 
+static void route_label(const sl_route_conf_t *r, char *label, size_t len) {
+  snprintf(label, len, "%s%s", r->host ? r->host : "", r->path);
+}
+
+/* Series of (route, pool), created on first use; pool_idx < 0: no pool ("" label). */
+static sl_route_pool_m_t *resolve_route_pool(sl_gen_t *g, const sl_route_conf_t *r,
+                                             int pool_idx) {
+  const sl_config_t *cfg = g->cfg;
+  sl_route_m_t *m = &g->route_m[r - cfg->routes];
+  uint32_t slot = pool_idx < 0 ? cfg->npools : (uint32_t)pool_idx;
+  sl_route_pool_m_t *pm = &m->by_pool[slot];
+  if (pm->resolved) return pm;
+  sl_telemetry_t *t = g->worker->tm;
+  const char *pool = pool_idx < 0 ? "" : cfg->pools[pool_idx].name;
+  char label[512];
+  route_label(r, label, sizeof(label));
+  for (int c = 1; c < 6; c++) pm->requests[c] = ser(t->requests, label, pool, CLASS[c]);
+  pm->duration = ser(t->duration, label, pool, NULL);
+  if (pool_idx >= 0 && cfg->pools[pool_idx].websocket) {
+    pm->ws_open = ser(t->ws_open, label, pool, NULL);
+    pm->ws_total = ser(t->ws_total, label, pool, NULL);
+  }
+  pm->resolved = true;
+  return pm;
+}
+
 void sl_telemetry_gen_build(sl_gen_t *g) {
   sl_telemetry_t *t = g->worker->tm;
   const sl_config_t *cfg = g->cfg;
@@ -247,21 +273,26 @@ void sl_telemetry_gen_build(sl_gen_t *g) {
   for (uint32_t i = 0; i < cfg->nroutes; i++) {
     const sl_route_conf_t *r = &cfg->routes[i];
     sl_route_m_t *m = &g->route_m[i];
-    char label[512];
-    snprintf(label, sizeof(label), "%s%s", r->host ? r->host : "", r->path);
-    for (int c = 1; c < 6; c++) m->requests[c] = ser(t->requests, label, r->pool, CLASS[c]);
-    m->duration = ser(t->duration, label, r->pool, NULL);
+    m->by_pool = sl_calloc(cfg->npools + 1, sizeof(sl_route_pool_m_t));
+    resolve_route_pool(g, r, (int)r->pool_idx);
     if (r->cache) {
+      char label[512];
+      route_label(r, label, sizeof(label));
       m->cache_hits = ser(t->cache_hits, label, NULL, NULL);
       m->cache_misses = ser(t->cache_misses, label, NULL, NULL);
       m->cache_coalesced = ser(t->cache_coalesced, label, NULL, NULL);
       m->policy_cache = policy_series(t, "cache", r->cache->policy);
     }
-    if (cfg->pools[r->pool_idx].websocket) {
-      m->ws_open = ser(t->ws_open, label, r->pool, NULL);
-      m->ws_total = ser(t->ws_total, label, r->pool, NULL);
-    }
   }
+}
+
+sl_route_pool_m_t *sl_telemetry_route_pool(sl_exchange_t *x) {
+  if (!x->route || !x->gen || !x->gen->route_m) return NULL;
+  return resolve_route_pool(x->gen, x->route, x->pool_idx);
+}
+
+sl_mseries_t *sl_telemetry_policy_series(sl_telemetry_t *t, const char *kind, const char *name) {
+  return policy_series(t, kind, name);
 }
 
 void sl_telemetry_gen_free(sl_gen_t *g) {
@@ -288,9 +319,14 @@ void sl_telemetry_gen_free(sl_gen_t *g) {
   }
   for (uint32_t i = 0; g->route_m && i < g->cfg->nroutes; i++) {
     sl_route_m_t *m = &g->route_m[i];
-    release_all(m->requests + 1, 5);
-    sl_mseries_t *s[] = {m->duration,        m->cache_hits, m->cache_misses, m->cache_coalesced,
-                         m->policy_cache,    m->ws_open,    m->ws_total};
+    for (uint32_t p = 0; m->by_pool && p <= g->cfg->npools; p++) {
+      sl_route_pool_m_t *pm = &m->by_pool[p];
+      release_all(pm->requests + 1, 5);
+      sl_mseries_t *s[] = {pm->duration, pm->ws_open, pm->ws_total};
+      release_all(s, SL_ARRAY_SIZE(s));
+    }
+    free(m->by_pool);
+    sl_mseries_t *s[] = {m->cache_hits, m->cache_misses, m->cache_coalesced, m->policy_cache};
     release_all(s, SL_ARRAY_SIZE(s));
   }
   free(g->route_m);
@@ -359,7 +395,7 @@ void sl_telemetry_count(sl_exchange_t *x, int status) {
   double secs = (double)(uv_hrtime() - x->start_ns) / 1e9;
   sl_worker_t *w = x->conn->w;
   int c = sl_status_class(status);
-  sl_route_m_t *rm = x->route && x->gen ? sl_route_m(x->gen, x->route) : NULL;
+  sl_route_pool_m_t *rm = sl_telemetry_route_pool(x);
   if (rm) {
     inc(rm->requests[c], 1);
     observe(rm->duration, secs);

@@ -21,11 +21,20 @@ typedef struct sl_pool_m {
   sl_ep_m_t *eps;                  /* one per pool endpoint */
 } sl_pool_m_t;
 
-typedef struct sl_route_m {
+/* Request series of one (route, pool) pair. */
+typedef struct sl_route_pool_m {
+  bool resolved;
   sl_mseries_t *requests[6]; /* by status class 1..5 ([0] unused) */
   sl_mseries_t *duration;
+  sl_mseries_t *ws_open, *ws_total; /* WebSocket pools only */
+} sl_route_pool_m_t;
+
+typedef struct sl_route_m {
+  /* By the pool that served (cfg->npools + 1 entries; the last: answered before a pool was
+   * chosen, e.g. by a hook). The route's own pool is resolved with the generation; pools a
+   * hook picks on their first request. */
+  sl_route_pool_m_t *by_pool;
   sl_mseries_t *cache_hits, *cache_misses, *cache_coalesced, *policy_cache;
-  sl_mseries_t *ws_open, *ws_total;
 } sl_route_m_t;
 
 /* Families and process-level series of one worker's registry. */
@@ -53,6 +62,9 @@ void sl_telemetry_gen_free(sl_gen_t *g);
 static inline sl_route_m_t *sl_route_m(const sl_gen_t *g, const sl_route_conf_t *r) {
   return g->route_m ? &g->route_m[r - g->cfg->routes] : NULL;
 }
+/* The (route, pool) series for an exchange: x->pool_idx, or "" when it is negative. */
+struct sl_exchange;
+sl_route_pool_m_t *sl_telemetry_route_pool(struct sl_exchange *x);
 static inline int sl_status_class(int status) {
   return status >= 100 && status < 600 ? status / 100 : 5;
 }
@@ -70,6 +82,8 @@ struct sl_conn;
 void sl_telemetry_request_rejected(struct sl_conn *c, int status);
 /* A breaker state change on pool->eps[idx]. */
 void sl_telemetry_breaker(sl_pool_t *pool, uint32_t idx, int state);
+/* The policy-error series of policies/<kind>/<name>.lua (a new reference). */
+sl_mseries_t *sl_telemetry_policy_series(sl_telemetry_t *t, const char *kind, const char *name);
 /* A policy failed; `kind` is balancer, retry, breaker or cache. */
 void sl_telemetry_policy_error(sl_mseries_t *s);
 

@@ -50,6 +50,14 @@ static void free_pools(sl_gen_t *g) {
   for (uint32_t i = 0; g->route_cache_key && i < g->cfg->nroutes; i++)
     luaL_unref(L, LUA_REGISTRYINDEX, g->route_cache_key[i]);
   free(g->route_cache_key);
+  for (uint32_t i = 0; g->route_hooks && i < g->cfg->nroutes; i++) {
+    sl_route_hook_t *h = &g->route_hooks[i];
+    luaL_unref(L, LUA_REGISTRYINDEX, h->on_request);
+    luaL_unref(L, LUA_REGISTRYINDEX, h->on_response);
+    luaL_unref(L, LUA_REGISTRYINDEX, h->options);
+    sl_mseries_release(h->errors);
+  }
+  free(g->route_hooks);
   luaL_unref(L, LUA_REGISTRYINDEX, g->lua_ctx);
 }
 
@@ -186,6 +194,17 @@ sl_gen_t *sl_gen_build(sl_worker_t *w, sl_config_t *cfg, char *err, size_t errle
     }
     g->route_cache_key[i] = luaL_ref(L, LUA_REGISTRYINDEX);
     lua_pop(L, 1);
+  }
+  for (uint32_t i = 0; i < cfg->nroutes; i++) {
+    if (!cfg->routes[i].hook) continue;
+    if (!g->route_hooks) {
+      g->route_hooks = sl_calloc(cfg->nroutes, sizeof(sl_route_hook_t));
+      for (uint32_t j = 0; j < cfg->nroutes; j++)
+        g->route_hooks[j].on_request = g->route_hooks[j].on_response =
+            g->route_hooks[j].options = LUA_NOREF;
+    }
+    if (sl_policy_route_load(w, g, cfg_idx, i, err, errlen) != 0) goto fail;
+    g->route_hooks[i].errors = sl_telemetry_policy_series(w->tm, "route", cfg->routes[i].hook);
   }
   lua_settop(L, top);
   sl_telemetry_gen_build(g);

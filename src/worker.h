@@ -39,10 +39,21 @@ typedef struct sl_gen {
   struct sl_worker *worker;
   int lua_ctx; /* registry ref: sandbox context (module cache) */
   int *route_cache_key; /* per route: registry ref of its cache policy's key(), or LUA_NOREF */
+  struct sl_route_hook *route_hooks; /* per route (route.hook), NULL when no route has one */
   struct sl_route_m *route_m; /* per route: metric series (telemetry.h) */
   struct tls_change *tls_changes; /* TLS contexts built for activation (worker.c) */
   uint32_t ntls_changes;
 } sl_gen_t;
+
+/* A route's hook policy (policies/route/<name>.lua) as loaded for one generation. */
+typedef struct sl_route_hook {
+  int on_request;  /* registry refs, LUA_NOREF when the policy lacks the hook */
+  int on_response;
+  int options;     /* routes[i].hook.options */
+  struct sl_metric_series *errors; /* sluice_policy_errors_total{policy="route/<name>"} */
+} sl_route_hook_t;
+
+enum { SL_HOOK_NONE = 0, SL_HOOK_REQUEST, SL_HOOK_RESPONSE };
 
 typedef struct sl_worker_stats {
   uint64_t accepted, requests, responses[6]; /* responses by status class 1xx..5xx, [0] other */
@@ -71,6 +82,10 @@ typedef struct sl_worker {
 
   /* The request a policy hook is deciding on; read by the Lua `req` object. */
   const struct sl_http_req *hook_req;
+  struct sl_hedits *hook_edits;       /* where req:/res:set_header go, while allowed */
+  const struct sl_exchange *hook_res; /* the response on_response looks at */
+  uint8_t hook_phase;                 /* SL_HOOK_REQUEST or SL_HOOK_RESPONSE while one runs */
+  uint64_t req_seq;
   const char *hook_request_id;
   uint32_t hook_attempt;
   int lua_req;       /* registry ref: the reusable req object */
@@ -82,6 +97,7 @@ typedef struct sl_worker {
   bool dispatch_pending;
   int lua_outcome; /* registry ref: reusable outcome table */
   int lua_hooks;   /* registry ref: runtime module (trampolines) */
+  int lua_res;     /* registry ref: the reusable res object (on_response) */
 
   struct sl_cache *cache;    /* response cache (cache.c), created with the first generation */
   struct sl_telemetry *tm;   /* metrics registry and families (telemetry.c) */

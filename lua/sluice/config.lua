@@ -168,6 +168,14 @@ local pool_schema = record({
   }),
 })
 
+local hook_schema = record({
+  policy = str(nil, policy_name, "a policy name"),
+  options = any_table(),
+  json_max_bytes = int(0, 64 * 1024 * 1024, 64 * 1024),
+})
+
+local check -- defined below; hook specs are checked with it
+
 local schema = record({
   listen = custom(function(v, path)
     if type(v) == "string" then v = { v } end
@@ -227,12 +235,16 @@ local schema = record({
       coalesce_wait_ms = int(1, 3600000, 30000),
       policy = str(nil, policy_name, "a policy name"),
     }, false),
+    -- policies/route/<policy>.lua: on_request / on_response hooks (docs/policies.md).
+    hook = custom(function(v, path)
+      if type(v) == "string" then v = { policy = v } end
+      if type(v) ~= "table" then fail(path, "expected a policy name or { policy = ..., options = {...} }, got " .. describe(v)) end
+      return check(hook_schema, v, path)
+    end, false),
   }), { default = {} }),
 })
 
 -- Checker --------------------------------------------------------------------------------
-
-local check
 
 local function default_of(spec)
   local d = spec.default
@@ -324,6 +336,7 @@ local function check_refs(cfg)
     if not r.path then fail(join(p, "path"), "expected a path starting with /, got nil") end
     if not r.pool then fail(join(p, "pool"), "expected a pool name, got nil") end
     if not cfg.pools[r.pool] then fail(join(p, "pool"), "no pool named " .. string.format("%q", r.pool)) end
+    if r.hook and not r.hook.policy then fail(join(join(p, "hook"), "policy"), "expected a policy name, got nil") end
   end
   for name, pool in pairs(cfg.pools) do
     if pool.fallback then

@@ -32,18 +32,171 @@ function M.retry_decide(fn, pool, req, attempt, outcome)
   return fn(req, attempt, outcome, pool)
 end
 
+-- JSON for policies: lua-cjson (Debian's lua-cjson, linked into the runtime), one instance
+-- with its own settings so nothing a policy does changes another's view.
+local cjson = require("cjson").new()
+cjson.decode_max_depth(64)
+cjson.encode_max_depth(64)
+cjson.decode_invalid_numbers(false)
+cjson.encode_sparse_array(true)
+M.json = {
+  null = cjson.null,
+  decode = function(s)
+    if type(s) ~= "string" then return nil, "expected a string, got " .. type(s) end
+    local ok, v = pcall(cjson.decode, s)
+    if ok then return v end
+    return nil, tostring(v)
+  end,
+  encode = function(v)
+    local ok, s = pcall(cjson.encode, v)
+    if ok then return s end
+    return nil, tostring(s)
+  end,
+}
+
 -- The request object policies see. Fields come from the request being decided on; reading
--- them after the hook returned gives nil.
-function M.make_req(field, header)
-  local methods = { header = function(_, name) return header(name) end }
+-- them after the hook returned gives nil. `edit` holds the C functions that record
+-- on_request's changes (they raise when called from any other hook).
+function M.make_req(field, header, edit)
+  local json_seq, json_val -- req.json, decoded once per request
+  local methods = {
+    header = function(_, name) return header(name) end,
+    set_header = function(_, name, value) edit.set_header(name, value) end,
+    remove_header = function(_, name) edit.remove_header(name) end,
+    set_path = function(_, path) edit.set_path(path) end,
+  }
   return setmetatable({}, {
     __index = function(_, k)
       local m = methods[k]
       if m then return m end
+      if k == "json" then
+        local seq = field("seq")
+        if seq == nil then return nil end
+        if seq ~= json_seq then
+          json_seq, json_val = seq, nil
+          local body = field("json_body")
+          if body then json_val = M.json.decode(body) end
+        end
+        return json_val
+      end
       return field(k)
     end,
-    __newindex = function() error("req is read-only", 2) end,
+    __newindex = function() error("req is read-only (use req:set_header, req:set_path)", 2) end,
   })
+end
+
+-- The response object on_response sees: status and headers as the upstream sent them.
+function M.make_res(field, header, edit)
+  local methods = {
+    header = function(_, name) return header(name) end,
+    set_header = function(_, name, value) edit.set_header(name, value) end,
+    remove_header = function(_, name) edit.remove_header(name) end,
+  }
+  return setmetatable({}, {
+    __index = function(_, k) return methods[k] or field(k) end,
+    __newindex = function() error("res is read-only (use res:set_header)", 2) end,
+  })
+end
+
+-- Route hooks --------------------------------------------------------------------------
+
+-- Headers a direct response may not set: the gateway writes them itself.
+local MANAGED = { ["content-length"] = true, ["transfer-encoding"] = true, connection = true,
+  ["keep-alive"] = true, ["x-request-id"] = true, upgrade = true, te = true, trailer = true }
+
+local function header_block(policy, headers)
+  if headers == nil then return "", nil end
+  if type(headers) ~= "table" then
+    error(policy .. ": on_request response headers must be a table, got " .. type(headers), 0)
+  end
+  local names, ctype = {}, nil
+  for name in pairs(headers) do
+    if type(name) ~= "string" or not name:match("^[%w!#$%%&'*+.^_`|~-]+$") then
+      error(policy .. ": on_request response header name " .. tostring(name) .. " is not a valid token", 0)
+    end
+    names[#names + 1] = name
+  end
+  table.sort(names) -- deterministic output
+  local out = {}
+  for _, name in ipairs(names) do
+    local v = headers[name]
+    if type(v) == "number" then v = tostring(v) end
+    if type(v) ~= "string" or v:find("[%z\r\n]") then
+      error(policy .. ": on_request response header " .. name .. " needs a string value without CR, LF or NUL", 0)
+    end
+    local lower = name:lower()
+    if MANAGED[lower] then
+      error(policy .. ": on_request response header " .. name .. " is set by the gateway", 0)
+    end
+    if lower == "content-type" then ctype = v else out[#out + 1] = name .. ": " .. v .. "\r\n" end
+  end
+  return table.concat(out), ctype
+end
+
+-- Calls on_request and reduces what it returned to what C acts on:
+--   nil                         go on with the route's pool
+--   "pool", name                use pool `name`
+--   "respond", status, content_type, header_lines, body
+function M.route_request(fn, policy, options, req)
+  local r = fn(req, options)
+  local t = type(r)
+  if r == nil then return nil end
+  if t == "string" then return "pool", r end
+  if t ~= "table" then
+    error(policy .. ": on_request returned a " .. t .. ", expected nil, a pool name or { status = ... }", 0)
+  end
+  if r.pool ~= nil and r.status == nil then
+    if type(r.pool) ~= "string" then error(policy .. ": on_request returned a pool that is not a name", 0) end
+    return "pool", r.pool
+  end
+  local status = r.status
+  if type(status) ~= "number" or status % 1 ~= 0 or status < 200 or status > 599 then
+    error(policy .. ": on_request response status must be an integer from 200 to 599, got " .. tostring(status), 0)
+  end
+  local lines, ctype = header_block(policy, r.headers)
+  local body = r.body
+  if type(body) == "table" then
+    local s, err = M.json.encode(body)
+    if not s then error(policy .. ": on_request response body cannot be encoded as JSON: " .. err, 0) end
+    body = s .. "\n"
+    ctype = ctype or "application/json"
+  elseif body == nil then
+    body = ""
+  elseif type(body) ~= "string" then
+    error(policy .. ": on_request response body must be a string or a table, got " .. type(body), 0)
+  end
+  return "respond", status, ctype or "text/plain; charset=utf-8", lines, body
+end
+
+function M.route_response(fn, options, req, res)
+  fn(req, res, options)
+end
+
+-- Runs a route policy's init(options, ctx) when it has one, at generation build time. ctx
+-- offers what only makes sense then: the pool names and loading a data file (a Lua table,
+-- path relative to the config's directory), evaluated with no globals and a budget.
+function M.route_init(mod, options, pool_names, config_dir)
+  if type(mod.on_request) ~= "function" and type(mod.on_response) ~= "function" then
+    error("a route policy must define on_request(req, options) or on_response(req, res, options)", 0)
+  end
+  if mod.init == nil then return end
+  local pools = {}
+  for _, name in ipairs(pool_names) do pools[name] = true end
+  local ctx = {
+    pools = pools,
+    load_table = function(path)
+      if type(path) ~= "string" or path == "" then error("load_table: expected a file path", 2) end
+      if path:sub(1, 1) ~= "/" then path = config_dir .. "/" .. path end
+      local chunk, err = loadfile(path)
+      if not chunk then error("load_table: " .. err, 2) end
+      setfenv(chunk, {})
+      local ok, v = pcall(chunk)
+      if not ok then error("load_table: " .. tostring(v), 2) end
+      if type(v) ~= "table" then error("load_table: " .. path .. " must return a table, got " .. type(v), 2) end
+      return v
+    end,
+  }
+  mod.init(options, ctx)
 end
 
 return M
