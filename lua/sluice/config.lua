@@ -237,6 +237,7 @@ local schema = record({
     }, false),
     -- policies/route/<policy>.lua: on_request / on_response hooks (docs/policies.md).
     hook = custom(function(v, path)
+      if v == false then return false end -- the default: no hook
       if type(v) == "string" then v = { policy = v } end
       if type(v) ~= "table" then fail(path, "expected a policy name or { policy = ..., options = {...} }, got " .. describe(v)) end
       return check(hook_schema, v, path)

@@ -32,27 +32,7 @@ function M.retry_decide(fn, pool, req, attempt, outcome)
   return fn(req, attempt, outcome, pool)
 end
 
--- JSON for policies: lua-cjson (Debian's lua-cjson, linked into the runtime), one instance
--- with its own settings so nothing a policy does changes another's view.
-local cjson = require("cjson").new()
-cjson.decode_max_depth(64)
-cjson.encode_max_depth(64)
-cjson.decode_invalid_numbers(false)
-cjson.encode_sparse_array(true)
-M.json = {
-  null = cjson.null,
-  decode = function(s)
-    if type(s) ~= "string" then return nil, "expected a string, got " .. type(s) end
-    local ok, v = pcall(cjson.decode, s)
-    if ok then return v end
-    return nil, tostring(v)
-  end,
-  encode = function(v)
-    local ok, s = pcall(cjson.encode, v)
-    if ok then return s end
-    return nil, tostring(s)
-  end,
-}
+M.json = require("sluice.json")
 
 -- The request object policies see. Fields come from the request being decided on; reading
 -- them after the hook returned gives nil. `edit` holds the C functions that record

@@ -34,7 +34,9 @@ function M.init(options, ctx)
   end
   if n == 0 then error("api_keys: " .. options.keys_file .. " holds no keys", 0) end
   tenant_header = options.tenant_header or "x-tenant-id"
-  if type(tenant_header) ~= "string" then error("api_keys: options.tenant_header must be a header name", 0) end
+  if type(tenant_header) ~= "string" or not tenant_header:match("^[%w!#$%%&'*+.^_`|~-]+$") then
+    error("api_keys: options.tenant_header must be a header name", 0)
+  end
   forward_key = options.forward_key == true
 end
 
@@ -56,6 +58,7 @@ function M.on_request(req)
       headers = { ["WWW-Authenticate"] = 'Bearer realm="sluice"' },
       body = { error = {
         type = "invalid_api_key",
+        code = "invalid_api_key",
         message = key and "The API key is not valid" or "An API key is required (Authorization: Bearer <key>)",
         request_id = req.id,
       } },

@@ -25,8 +25,8 @@ function M.init(options, ctx)
     if type(name) ~= "string" or not ctx.pools[name] then
       error("canary: options.split: no pool named " .. tostring(name), 0)
     end
-    if type(weight) ~= "number" or weight < 0 or weight ~= weight then
-      error("canary: options.split." .. name .. ": weight must be a number >= 0", 0)
+    if type(weight) ~= "number" or not (weight >= 0 and weight < math.huge) then
+      error("canary: options.split." .. name .. ": weight must be a finite number >= 0", 0)
     end
     if weight > 0 then pools[#pools + 1] = { name = name, weight = weight } end
     total = total + weight

@@ -66,7 +66,7 @@ local function error_response(status, kind, message, req)
 end
 
 local function model_list()
-  local data = {}
+  local data = sluice.json.array() -- [] even when only prefixes are configured
   for i, name in ipairs(listing) do
     data[i] = { id = name, object = "model", owned_by = "sluice" }
   end
@@ -75,8 +75,8 @@ end
 
 function M.on_request(req)
   if list_path and req.method == "GET" and req.path == list_path then return model_list() end
-  local body = req.json
-  local model = type(body) == "table" and body.model or nil
+  local body, model = req.json, nil
+  if type(body) == "table" then model = body.model end
   if model == nil then return default end
   if type(model) ~= "string" then
     return error_response(400, "invalid_request_error", "\"model\" must be a string", req)

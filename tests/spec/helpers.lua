@@ -20,6 +20,14 @@ local h = {}
 
 h.ROOT = "."
 
+-- sluice.json exactly as the runtime has it (lua/sluice/json.lua over lua-cjson); nil when
+-- lua-cjson is not installed.
+do
+  local chunk = loadfile(h.ROOT .. "/lua/sluice/json.lua")
+  local ok, json = pcall(chunk)
+  if ok then h.json = json end
+end
+
 -- Fake sluice ------------------------------------------------------------------------
 
 local LCG_M = 2147483647 -- Park-Miller "minimal standard": exact in doubles
@@ -91,6 +99,15 @@ function h.new_fake()
     end
     fake.logs[#fake.logs + 1] = { level = level, msg = table.concat(parts, " ") }
   end
+
+  -- Lowercase hex SHA-256, like the runtime's (OpenSSL); pure Lua, see h.sha256.
+  function s.sha256(str)
+    if type(str) ~= "string" then error("sluice.sha256: expected a string", 2) end
+    return h.sha256(str)
+  end
+
+  -- sluice.json as the runtime configures it (lua-cjson), when lua-cjson is installed.
+  s.json = h.json
 
   s.shared = fake.shared
   s.metrics = {
@@ -311,19 +328,99 @@ end
 
 -- Requests ---------------------------------------------------------------------------
 
--- make_req{ method=, path=, host=, attempt=, headers = { ["x-a"] = "1" } } -> req
--- req:header(name) is case-insensitive and returns a string or nil.
+-- make_req{ method=, path=, host=, attempt=, query=, id=, client=, body=, json=, pool=,
+--           headers = { ["x-a"] = "1" } } -> req
+-- req:header(name) is case-insensitive and returns a string or nil; it reads the request as
+-- it arrived, like the runtime's (edits are applied by the gateway after the hook returns).
+-- req:set_header(name, value), req:remove_header(name) and req:set_path(path) check their
+-- arguments the way the runtime does and append to req.edits, in call order:
+--   { op = "set_header", name = ..., value = ... }   (a number value is kept as given)
+--   { op = "remove_header", name = ... }
+--   { op = "set_path", path = ... }
+-- req.json is spec.json when given; else, when spec.body is a string, the body decoded with
+-- h.json (nil when it is not JSON); else nil. req.id defaults to "test-request-id".
+local req_headers = setmetatable({}, { __mode = "k" })
+
+local function edit_methods(obj, with_path)
+  obj.edits = {}
+  obj.set_header = function(self, name, value)
+    if type(name) ~= "string" then error("header name must be a string", 2) end
+    if type(value) ~= "string" and type(value) ~= "number" then
+      error("header value must be a string", 2)
+    end
+    self.edits[#self.edits + 1] = { op = "set_header", name = name, value = value }
+  end
+  obj.remove_header = function(self, name)
+    if type(name) ~= "string" then error("header name must be a string", 2) end
+    self.edits[#self.edits + 1] = { op = "remove_header", name = name }
+  end
+  if with_path then
+    obj.set_path = function(self, path)
+      if type(path) ~= "string" then error("set_path: expected a string", 2) end
+      self.edits[#self.edits + 1] = { op = "set_path", path = path }
+    end
+  end
+end
+
+local function lower_headers(t)
+  local headers = {}
+  for k, v in pairs(t or {}) do headers[k:lower()] = v end
+  return headers
+end
+
 function h.make_req(spec)
   spec = spec or {}
-  local headers = {}
-  for k, v in pairs(spec.headers or {}) do headers[k:lower()] = v end
-  return {
+  local headers = lower_headers(spec.headers)
+  local json = spec.json
+  if json == nil and type(spec.body) == "string" and h.json then
+    json = h.json.decode(spec.body)
+  end
+  local req = {
     method = spec.method or "POST",
     path = spec.path or "/v1/chat/completions",
     host = spec.host or "localhost",
     attempt = spec.attempt or 1,
+    query = spec.query,
+    id = spec.id or "test-request-id",
+    client = spec.client,
+    body = spec.body,
+    json = json,
+    pool = spec.pool,
     header = function(_, name) return headers[name:lower()] end,
   }
+  edit_methods(req, true)
+  req_headers[req] = headers
+  return req
+end
+
+-- make_res{ status = 200, headers = { ... } } -> res, as on_response sees it: res.status,
+-- res:header(name) (case-insensitive, the upstream's headers), res:set_header and
+-- res:remove_header recorded in res.edits as for make_req (no set_path).
+function h.make_res(spec)
+  spec = spec or {}
+  local headers = lower_headers(spec.headers)
+  local res = {
+    status = spec.status or 200,
+    header = function(_, name) return headers[name:lower()] end,
+  }
+  edit_methods(res, false)
+  req_headers[res] = headers
+  return res
+end
+
+-- final_headers(req_or_res) -> the headers (lowercase names) after applying obj.edits in
+-- order to those obj was made with: what the upstream (or client) would receive.
+function h.final_headers(obj)
+  local out = {}
+  for k, v in pairs(req_headers[obj] or {}) do out[k] = v end
+  for _, e in ipairs(obj.edits or {}) do
+    if e.op == "set_header" then
+      out[e.name:lower()] = tostring(e.value)
+    elseif e.op == "remove_header" then
+      out[e.name:lower()] = nil
+    end
+  end
+  return out
 end
 
 -- Running picks ----------------------------------------------------------------------
@@ -509,6 +606,132 @@ function h.breaker_sim(M, breaker_fields, opts)
   end
 
   return sim
+end
+
+-- Route policies (on_request / on_response) -------------------------------------------
+
+-- route_ctx{ pools = { "a", "b" } (or { a = true }), files = { ["keys.lua"] = ... } } -> ctx
+-- The ctx a route policy's init(options, ctx) gets: ctx.pools is the set of pool names;
+-- ctx.load_table(path) returns a fresh copy of files[path] when it is a table, or runs it
+-- when it is a string of Lua source (no globals, like the runtime); paths not in `files`
+-- are read from disk (relative to opts.dir when given). Errors read like the runtime's
+-- ("load_table: ..."). ctx.loaded lists the paths asked for, in order.
+local function deep_copy(v)
+  if type(v) ~= "table" then return v end
+  local t = {}
+  for k, x in pairs(v) do t[deep_copy(k)] = deep_copy(x) end
+  return t
+end
+
+function h.route_ctx(opts)
+  opts = opts or {}
+  local pools = {}
+  for k, v in pairs(opts.pools or {}) do
+    if type(k) == "number" then pools[v] = true else pools[k] = v end
+  end
+  local files = opts.files or {}
+  local ctx = { pools = pools, loaded = {} }
+  function ctx.load_table(path)
+    if type(path) ~= "string" or path == "" then error("load_table: expected a file path", 2) end
+    ctx.loaded[#ctx.loaded + 1] = path
+    local f = files[path]
+    local chunk, err
+    if type(f) == "table" then
+      return deep_copy(f)
+    elseif type(f) == "string" then
+      chunk, err = loadstring(f, "=" .. path)
+    else
+      local full = path
+      if opts.dir and path:sub(1, 1) ~= "/" then full = opts.dir .. "/" .. path end
+      chunk, err = loadfile(full)
+    end
+    if not chunk then error("load_table: " .. err, 2) end
+    setfenv(chunk, {})
+    local ok, v = pcall(chunk)
+    if not ok then error("load_table: " .. tostring(v), 2) end
+    if type(v) ~= "table" then error("load_table: " .. path .. " must return a table, got " .. type(v), 2) end
+    return v
+  end
+  return ctx
+end
+
+-- The runtime's glue module (lua/sluice/runtime.lua), loaded once per VM; needs LuaJIT and
+-- lua-cjson. Its route_request / route_init are what the gateway runs around a route hook.
+function h.runtime()
+  local m = package.loaded["sluice.runtime"]
+  if not m then
+    h.runtime_ffi()
+    package.loaded["sluice.json"] = package.loaded["sluice.json"] or h.json
+    m = assert(loadfile(h.ROOT .. "/lua/sluice/runtime.lua"))()
+    package.loaded["sluice.runtime"] = m
+  end
+  return m
+end
+
+-- route_request(M, req [, options [, name]]) -> what the gateway makes of M.on_request's
+-- answer: nil (the route's pool), "pool", name, or "respond", status, content_type,
+-- header_lines, body (JSON bodies encoded). Raises where the gateway would log a policy error.
+function h.route_request(M, req, options, name)
+  return h.runtime().route_request(M.on_request, name or "policy", options or {}, req)
+end
+
+-- SHA-256 ---------------------------------------------------------------------------------
+
+local SHA_K = {
+  0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+  0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+  0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+  0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+  0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+  0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+  0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+  0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
+}
+
+-- sha256(s) -> lowercase hex digest of the byte string s (pure Lua on the `bit` library).
+function h.sha256(msg)
+  local band, bor, bxor, bnot = bit.band, bit.bor, bit.bxor, bit.bnot
+  local rshift, lshift, ror, tobit = bit.rshift, bit.lshift, bit.ror, bit.tobit
+  local len = #msg
+  local bits = len * 8
+  local hi, lo = math.floor(bits / 4294967296), bits % 4294967296
+  msg = msg .. "\128" .. string.rep("\0", (55 - len) % 64)
+    .. string.char(band(rshift(hi, 24), 255), band(rshift(hi, 16), 255),
+                   band(rshift(hi, 8), 255), band(hi, 255),
+                   band(rshift(lo, 24), 255), band(rshift(lo, 16), 255),
+                   band(rshift(lo, 8), 255), band(lo, 255))
+  assert(#msg % 64 == 0)
+  local H = { 0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+              0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19 }
+  for i = 1, 8 do H[i] = tobit(H[i]) end
+  local w = {}
+  for chunk = 1, #msg, 64 do
+    for i = 0, 15 do
+      local a, b, c, d = msg:byte(chunk + 4 * i, chunk + 4 * i + 3)
+      w[i] = bor(lshift(a, 24), lshift(b, 16), lshift(c, 8), d)
+    end
+    for i = 16, 63 do
+      local x, y = w[i - 15], w[i - 2]
+      local s0 = bxor(ror(x, 7), ror(x, 18), rshift(x, 3))
+      local s1 = bxor(ror(y, 17), ror(y, 19), rshift(y, 10))
+      w[i] = tobit(w[i - 16] + s0 + w[i - 7] + s1)
+    end
+    local a, b, c, d, e, f, g, hh = H[1], H[2], H[3], H[4], H[5], H[6], H[7], H[8]
+    for i = 0, 63 do
+      local S1 = bxor(ror(e, 6), ror(e, 11), ror(e, 25))
+      local ch = bxor(band(e, f), band(bnot(e), g))
+      local t1 = tobit(hh + S1 + ch + SHA_K[i + 1] + w[i])
+      local S0 = bxor(ror(a, 2), ror(a, 13), ror(a, 22))
+      local maj = bxor(band(a, b), band(a, c), band(b, c))
+      local t2 = tobit(S0 + maj)
+      hh, g, f, e, d, c, b, a = g, f, e, tobit(d + t1), c, b, a, tobit(t1 + t2)
+    end
+    H[1], H[2], H[3], H[4] = tobit(H[1] + a), tobit(H[2] + b), tobit(H[3] + c), tobit(H[4] + d)
+    H[5], H[6], H[7], H[8] = tobit(H[5] + e), tobit(H[6] + f), tobit(H[7] + g), tobit(H[8] + hh)
+  end
+  local out = {}
+  for i = 1, 8 do out[i] = bit.tohex(H[i], 8) end
+  return table.concat(out)
 end
 
 return h
