@@ -41,9 +41,14 @@ return {
 
   routes = {
     -- identical prompts (same model and parameters, any key order, any "user") are answered
-    -- from the cache for 60 s; streamed answers are replayed as streams
+    -- from the cache for 60 s; streamed answers are replayed as streams. The body's "model"
+    -- picks the pool (policies/route/model_router.lua); an unknown model is answered 404.
     { path = "/v1/chat/completions", pool = "llm",
+      hook = { policy = "model_router", options = { models = { mock = "llm", ["mock-*"] = "llm" } } },
       cache = { ttl_s = 60, methods = { "POST" }, json = { canonical = true, ignore = { "user" } }, stream = true } },
+    -- the model list, answered by the same policy without an upstream
+    { path = "/v1/models", pool = "llm",
+      hook = { policy = "model_router", options = { models = { mock = "llm", ["mock-*"] = "llm" } } } },
     { path = "/v1/listen", pool = "stt" },
     { path = "/v1/audio/speech", pool = "tts" },
     { path = "/echo", pool = "llm" },

@@ -42,6 +42,10 @@ Try:
   # ask the same again (keys in another order): answered from the cache (x-cache: HIT, age)
   curl -si http://127.0.0.1:8080/v1/chat/completions -d '{"messages":[],"model":"mock"}' | grep -i '^x-cache\|^age'
 
+  # models the gateway routes (answered by a Lua route policy), and an unknown one → 404
+  curl -s http://127.0.0.1:8080/v1/models
+  curl -i http://127.0.0.1:8080/v1/chat/completions -d '{"model":"gpt-9","messages":[]}'
+
   # what the upstream received (X-Forwarded-*, X-Request-Id added; hop-by-hop removed)
   curl -s http://127.0.0.1:8080/echo -H 'x-request-id: demo-123'
 
