@@ -363,10 +363,17 @@ static void access_log_line(sl_exchange_t *x, int status, double duration_s) {
   if (x->route) {
     sl_buf_append(b, "\"", 1);
     sl_buf_append_json_str(b, x->route->path, strlen(x->route->path));
-    sl_buf_appends(b, "\",\"pool\":\"");
-    const char *pn = x->pool ? x->pool->conf->name : x->route->pool;
-    sl_buf_append_json_str(b, pn, strlen(pn));
-    sl_buf_append(b, "\"", 1);
+    /* The pool that served (a fallback included); else the one chosen; none when a route
+     * hook answered by itself. */
+    const char *pn = x->pool ? x->pool->conf->name
+                     : x->pool_idx >= 0 ? x->gen->cfg->pools[x->pool_idx].name : NULL;
+    if (pn) {
+      sl_buf_appends(b, "\",\"pool\":\"");
+      sl_buf_append_json_str(b, pn, strlen(pn));
+      sl_buf_append(b, "\"", 1);
+    } else {
+      sl_buf_appends(b, "\",\"pool\":null");
+    }
   } else {
     sl_buf_appends(b, "null,\"pool\":null");
   }
