@@ -350,10 +350,12 @@ bool sl_conn_format(sl_conn_t *c, int status, const char *content_type, const ch
                     size_t len, const char *extra, bool keep_alive, sl_buf_t *out) {
   const char *rid = sl_conn_request_id(c);
   keep_alive = keep_alive && c->req.keep_alive && !c->w->draining;
+  if (status == 204 || status == 304) len = 0; /* no body, and for 204 no Content-Length */
+  sl_buf_appendf(out, "HTTP/1.1 %d %s\r\n", status, sl_http_status_reason(status));
+  if (status != 204) sl_buf_appendf(out, "Content-Type: %s\r\nContent-Length: %zu\r\n", content_type, len);
   sl_buf_appendf(out,
-                 "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
                  "x-request-id: %s\r\n%s%s\r\n",
-                 status, sl_http_status_reason(status), content_type, len, rid, extra ? extra : "",
+                 rid, extra ? extra : "",
                  !keep_alive ? "Connection: close\r\n"
                  : c->req.http_minor == 0 && c->req.http_major == 1 ? "Connection: keep-alive\r\n"
                  : "");

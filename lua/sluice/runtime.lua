@@ -145,6 +145,9 @@ function M.route_request(fn, policy, options, req)
   elseif type(body) ~= "string" then
     error(policy .. ": on_request response body must be a string or a table, got " .. type(body), 0)
   end
+  if (status == 204 or status == 304) and body ~= "" then
+    error(policy .. ": on_request response status " .. status .. " cannot have a body", 0)
+  end
   return "respond", status, ctype or "text/plain; charset=utf-8", lines, body
 end
 
