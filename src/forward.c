@@ -57,13 +57,13 @@ static bool managed_header(const char *n, size_t len, bool response) {
   static const char *const both[] = {"content-length", "transfer-encoding", "connection",
                                      "keep-alive", "upgrade", "te", "trailer", "x-request-id",
                                      "proxy-connection"};
-  static const char *const req[] = {"host", "expect", "x-forwarded-for", "x-forwarded-proto",
-                                    "x-forwarded-host"};
+  static const char *const req[] = {"host", "expect"};
   for (size_t i = 0; i < SL_ARRAY_SIZE(both); i++)
     if (sl_strieq(n, len, both[i])) return true;
   for (size_t i = 0; !response && i < SL_ARRAY_SIZE(req); i++)
     if (sl_strieq(n, len, req[i])) return true;
-  return false;
+  /* Every X-Forwarded-*: upstreams trust them as the gateway's word. */
+  return !response && len > 12 && sl_strieq(n, 12, "x-forwarded-");
 }
 
 int sl_hedits_put(sl_hedits_t *e, const char *name, size_t nlen, const char *value, size_t vlen,

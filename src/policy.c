@@ -239,8 +239,8 @@ static int l_req_field(lua_State *L) {
     lua_pushstring(L, r->peer);
   } else if (strcmp(k, "pool") == 0) { /* on_response: the pool that served */
     const sl_exchange_t *x = w->hook_res;
-    if (!x || x->pool_idx < 0) return 0;
-    lua_pushstring(L, x->gen->cfg->pools[x->pool_idx].name);
+    if (!x || !x->pool) return 0;
+    lua_pushstring(L, x->pool->conf->name); /* a fallback pool when it took over */
   } else if (strcmp(k, "seq") == 0) {
     lua_pushnumber(L, (lua_Number)r->seq);
   } else if (strcmp(k, "json_body") == 0) {
@@ -256,9 +256,11 @@ static int l_req_header(lua_State *L) {
   sl_worker_t *w = upworker(L);
   const sl_http_req_t *r = w->hook_req;
   const char *name = luaL_checkstring(L, 1);
-  if (!r) return 0;
-  int i = sl_http_req_find(r, name);
-  if (i < 0) return 0;
+  int i = r ? sl_http_req_find(r, name) : -1;
+  if (i < 0) {
+    lua_pushnil(L); /* a value, so tostring(req:header(x)) works */
+    return 1;
+  }
   lua_pushlstring(L, sl_http_req_str(r, r->headers[i].value_off), r->headers[i].value_len);
   return 1;
 }
@@ -404,7 +406,10 @@ static int l_res_header(lua_State *L) {
   const char *name = luaL_checkstring(L, 1);
   size_t len = 0;
   const char *v = x ? sl_proxy_response_header(x, name, &len) : NULL;
-  if (!v) return 0;
+  if (!v) {
+    lua_pushnil(L);
+    return 1;
+  }
   lua_pushlstring(L, v, len);
   return 1;
 }

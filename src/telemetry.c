@@ -275,6 +275,9 @@ void sl_telemetry_gen_build(sl_gen_t *g) {
     sl_route_m_t *m = &g->route_m[i];
     m->by_pool = sl_calloc(cfg->npools + 1, sizeof(sl_route_pool_m_t));
     resolve_route_pool(g, r, (int)r->pool_idx);
+    /* A hook may pick any pool or answer itself: resolve them all now, so the series carry
+     * over to the next generation (a reload keeps counting) instead of restarting. */
+    for (int p = -1; r->hook && p < (int)cfg->npools; p++) resolve_route_pool(g, r, p);
     if (r->cache) {
       char label[512];
       route_label(r, label, sizeof(label));

@@ -111,7 +111,7 @@ static void validation(void) {
   }
   CHECK(strstr(err, "managed by the gateway") != NULL);
   const char *managed_req[] = {"host", "expect", "x-forwarded-for", "X-Forwarded-Proto",
-                               "x-forwarded-host"};
+                               "x-forwarded-host", "X-Forwarded-Port", "x-forwarded-prefix"};
   for (size_t i = 0; i < sizeof(managed_req) / sizeof(managed_req[0]); i++) {
     const char *n = managed_req[i];
     CHECK_EQ_INT(sl_hedits_put(&e, n, strlen(n), "1", 1, false, err, sizeof(err)), -1);
