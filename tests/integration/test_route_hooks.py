@@ -1237,5 +1237,70 @@ class RouteHookCheckTest(unittest.TestCase):
         self.assertIn("routes[1].hook.policy", err)
 
 
+# ---------------------------------------------------------------------------------------
+# WebSocket upgrades go through on_request too
+
+
+WS_HOOK = """local M = {}
+function M.on_request(req)
+  if req:header("x-deny") then return { status = 403, body = { error = { type = "denied" } } } end
+  req:set_header("x-hooked", req.client)
+  req:set_path("/stt" .. req.path)
+  return req:header("x-pool")
+end
+function M.on_response(req, res) res:set_header("x-never", "1") end
+return M
+"""
+
+
+class RouteHookWebSocketTest(HookCase):
+    @classmethod
+    def setUpEnv(cls):
+        cls.up = {n: h.WsEchoUpstream() for n in ("w1", "w2")}
+        for u in cls.up.values():
+            cls.env.upstreams.append(u)
+        pdir = cls.env.path("wspolicies", "route")
+        os.makedirs(pdir)
+        with open(os.path.join(pdir, "wsr.lua"), "w") as f:
+            f.write(WS_HOOK)
+        cfg = h.make_config(
+            {n: h.make_pool([u.url]) for n, u in cls.up.items()},
+            [{"path": "/v1/listen", "pool": "w1", "hook": "wsr"}],
+            policies=cls.env.path("wspolicies"))
+        cls.s, cls.port, cls.admin = cls.boot(cfg)
+
+    def session(self, headers):
+        import asyncio
+        import websockets
+
+        async def go():
+            async with websockets.connect("ws://127.0.0.1:%d/v1/listen?lang=en" % self.port,
+                                          extra_headers=headers) as ws:
+                await ws.send("hello")
+                return await ws.recv(), ws.response_headers
+
+        return asyncio.run(go())
+
+    def test_hook_picks_the_pool_and_edits_the_upstream_handshake(self):
+        for pool in ("w2", "w1"):
+            up = self.up[pool]
+            before = len(up.sessions)
+            msg, rh = self.session({"x-pool": pool})
+            self.assertEqual(msg, "hello")
+            self.assertIsNone(rh.get("x-never"))  # on_response does not run for a 101
+            self.assertEqual(len(up.sessions), before + 1)
+            sess = up.sessions[-1]
+            self.assertEqual(sess["path"], "/stt/v1/listen")
+            self.assertEqual(sess["headers"].get("x-hooked"), "127.0.0.1")
+
+    def test_direct_answer_refuses_the_upgrade_with_http(self):
+        import websockets
+        before = sum(len(u.sessions) for u in self.up.values())
+        with self.assertRaises(websockets.InvalidStatusCode) as cm:
+            self.session({"x-deny": "1"})
+        self.assertEqual(cm.exception.status_code, 403)
+        self.assertEqual(sum(len(u.sessions) for u in self.up.values()), before)
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)
