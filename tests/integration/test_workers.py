@@ -105,9 +105,13 @@ class WorkersTest(h.SluiceTestCase):
             c.close()
 
     def test_both_workers_listen_on_the_port(self):
-        # SO_REUSEPORT: the port is bound by one socket per worker
-        out = os.popen("ss -Hltn 'sport = :%d'" % self.s.port).read().strip().splitlines()
-        self.assertEqual(len(out), 2, out)
+        # SO_REUSEPORT: the port is bound by one socket per worker. The second worker's thread
+        # may still be starting when the first logs "listening on": wait for its socket.
+        def sockets():
+            return os.popen("ss -Hltn 'sport = :%d'" % self.s.port).read().strip().splitlines()
+
+        h.wait_for(lambda: len(sockets()) >= 2, 10, what="a listening socket per worker")
+        self.assertEqual(len(sockets()), 2, sockets())
 
 
 if __name__ == "__main__":
