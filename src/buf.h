@@ -15,9 +15,19 @@ static inline void sl_buf_init(sl_buf_t *b) {
   b->len = b->cap = 0;
 }
 void sl_buf_free(sl_buf_t *b);
-/* Ensures room for `extra` more bytes; returns a pointer to the end of the data. */
-char *sl_buf_reserve(sl_buf_t *b, size_t extra);
-void sl_buf_append(sl_buf_t *b, const void *p, size_t n);
+/* Grows the buffer for `extra` more bytes (the slow path of sl_buf_reserve). */
+char *sl_buf_grow(sl_buf_t *b, size_t extra);
+/* Ensures room for `extra` more bytes; returns a pointer to the end of the data. Inline: it
+ * runs a few dozen times per proxied request, almost always with room to spare. */
+static inline char *sl_buf_reserve(sl_buf_t *b, size_t extra) {
+  if (b->cap - b->len >= extra) return b->data + b->len;
+  return sl_buf_grow(b, extra);
+}
+static inline void sl_buf_append(sl_buf_t *b, const void *p, size_t n) {
+  if (!n) return;
+  memcpy(sl_buf_reserve(b, n), p, n);
+  b->len += n;
+}
 void sl_buf_appends(sl_buf_t *b, const char *s);
 void sl_buf_appendf(sl_buf_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* Decimal and lowercase hex forms of an integer, without printf (request hot path). */

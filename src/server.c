@@ -108,6 +108,13 @@ int sl_conn_write(sl_conn_t *c, const char *data, size_t len) {
 
 static void on_timer(uv_timer_t *t) {
   sl_conn_t *c = t->data;
+  uint64_t now = uv_now(c->w->loop);
+  if (!c->deadline) return; /* disarmed since */
+  if (c->deadline > now) {   /* moved later since: wait for the rest */
+    uv_timer_start(t, on_timer, c->deadline - now, 0);
+    return;
+  }
+  c->deadline = 0;
   switch (c->state) {
   case SL_CONN_READING:
     if (!c->admin) sl_telemetry_request_rejected(c, 408);
@@ -122,7 +129,18 @@ static void on_timer(uv_timer_t *t) {
   }
 }
 
-static void arm(sl_conn_t *c, uint64_t ms) { uv_timer_start(&c->timer, on_timer, ms, 0); }
+/* Connection timeouts change at every request (header, then idle). Moving a libuv timer is a
+ * heap update each time, so the timer is only moved earlier: when the new deadline is later,
+ * the armed timer fires first and re-arms itself for the rest (as nginx does with its lazy
+ * timers). */
+static void arm(sl_conn_t *c, uint64_t ms) {
+  uint64_t now = uv_now(c->w->loop);
+  c->deadline = now + ms;
+  if (uv_is_active((uv_handle_t *)&c->timer) && uv_timer_get_due_in(&c->timer) <= ms) return;
+  uv_timer_start(&c->timer, on_timer, ms, 0);
+}
+
+static void disarm(sl_conn_t *c) { c->deadline = 0; }
 
 /* Graceful close: the response is flushed; send FIN, drain what the client still sends for a
  * moment (so it reads the response instead of getting a reset), then close. */
@@ -280,7 +298,7 @@ static void conn_process(sl_conn_t *c) {
       break;
     }
     /* SL_H1_MESSAGE */
-    uv_timer_stop(&c->timer);
+    disarm(c);
     c->state = SL_CONN_BUSY;
     if (c->admin) {
       sl_admin_handle(c);

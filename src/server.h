@@ -26,7 +26,8 @@ enum sl_conn_state {
 
 typedef struct sl_conn {
   uv_tcp_t tcp;
-  uv_timer_t timer;
+  uv_timer_t timer; /* lazily re-armed: fires at or before `deadline` (see arm() in server.c) */
+  uint64_t deadline; /* loop time the current state times out at; 0 = no timeout */
   sl_worker_t *w;
   sl_list_t link; /* in w->conns */
   sl_h1_parser_t h1;

@@ -160,8 +160,7 @@ sl_upconn_t *sl_upconn_acquire(sl_endpoint_t *ep, uint32_t connect_timeout_ms,
     sl_upconn_t *u = SL_CONTAINER_OF(ep->idle.next, sl_upconn_t, link);
     sl_list_remove(&u->link);
     ep->nidle--;
-    u->pooled = false;
-    uv_timer_stop(&u->timer);
+    u->pooled = false; /* the idle timer stays armed: it ignores connections in use */
     u->ops = ops;
     u->ctx = ctx;
     return u;
@@ -187,7 +186,22 @@ sl_upconn_t *sl_upconn_acquire(sl_endpoint_t *ep, uint32_t connect_timeout_ms,
   return u;
 }
 
-static void on_idle_timeout(uv_timer_t *t) { sl_upconn_close(t->data); }
+/* Pooled connections cycle between idle and busy at every request; rather than a timer
+ * stop and start (two heap updates) each time, the idle timer stays armed and checks, when it
+ * fires, whether the connection is still idle and for long enough. */
+static void on_idle_timeout(uv_timer_t *t) {
+  sl_upconn_t *u = t->data;
+  uint64_t now = uv_now(u->ep->worker->loop);
+  if (!u->pooled) {
+    u->idle_timer = false; /* in use; release re-arms */
+    return;
+  }
+  if (u->idle_deadline > now) {
+    uv_timer_start(t, on_idle_timeout, u->idle_deadline - now, 0);
+    return;
+  }
+  sl_upconn_close(u);
+}
 
 void sl_upconn_release(sl_upconn_t *u, bool reusable) {
   sl_endpoint_t *ep = u->ep;
@@ -207,7 +221,12 @@ void sl_upconn_release(sl_upconn_t *u, bool reusable) {
   u->pooled = true;
   sl_list_insert_head(&ep->idle, &u->link);
   ep->nidle++;
-  uv_timer_start(&u->timer, on_idle_timeout, ep->idle_timeout_ms, 0);
+  u->idle_deadline = uv_now(ep->worker->loop) + ep->idle_timeout_ms;
+  if (!u->idle_timer || !uv_is_active((uv_handle_t *)&u->timer) ||
+      uv_timer_get_due_in(&u->timer) > ep->idle_timeout_ms) {
+    uv_timer_start(&u->timer, on_idle_timeout, ep->idle_timeout_ms, 0);
+    u->idle_timer = true;
+  }
 }
 
 static void on_write_done(uv_stream_t *s, int status) {

@@ -25,6 +25,8 @@ typedef struct sl_upconn_ops {
 struct sl_upconn {
   uv_tcp_t tcp;
   uv_timer_t timer; /* connect timeout while connecting, idle timeout while pooled */
+  uint64_t idle_deadline; /* while pooled: loop time the idle timeout is due */
+  bool idle_timer;        /* `timer` runs on_idle_timeout (left armed while in use) */
   uv_connect_t creq;
   sl_endpoint_t *ep;
   sl_list_t link; /* in ep->idle while pooled */
