@@ -357,7 +357,6 @@ static sl_hedits_t *edit_target(lua_State *L, const char *what) {
 }
 
 static int l_edit_header(lua_State *L, bool set) {
-  sl_worker_t *w = upworker(L);
   bool response = lua_tointeger(L, lua_upvalueindex(2)) == SL_HOOK_RESPONSE;
   sl_hedits_t *e = edit_target(L, set ? (response ? "res:set_header" : "req:set_header")
                                       : (response ? "res:remove_header" : "req:remove_header"));
@@ -373,7 +372,6 @@ static int l_edit_header(lua_State *L, bool set) {
   char err[200];
   if (sl_hedits_put(e, name, nlen, value, vlen, response, err, sizeof(err)) != 0)
     return edit_error(L, err);
-  (void)w;
   return 0;
 }
 static int l_edit_set_header(lua_State *L) { return l_edit_header(L, true); }
@@ -637,15 +635,20 @@ static int call_hook(sl_worker_t *w, int base, int nargs, int nres, char *err, s
   return hot_pcall(w, base, 2 + nargs, nres, err, errlen);
 }
 
-/* Pushes the traceback handler, the trampoline, the hook function and the pool table. */
-static void push_hook(sl_worker_t *w, const char *trampoline, int fn_ref, sl_pool_t *pool) {
+/* Pushes the traceback handler, the runtime's trampoline and the hook function. */
+static void push_trampoline(sl_worker_t *w, const char *trampoline, int fn_ref) {
   lua_State *L = w->L;
   lua_rawgeti(L, LUA_REGISTRYINDEX, w->lua_traceback);
   lua_rawgeti(L, LUA_REGISTRYINDEX, w->lua_hooks);
   lua_getfield(L, -1, trampoline);
   lua_remove(L, -2);
   lua_rawgeti(L, LUA_REGISTRYINDEX, fn_ref);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, pool->lua_pool);
+}
+
+/* Pushes the traceback handler, the trampoline, the hook function and the pool table. */
+static void push_hook(sl_worker_t *w, const char *trampoline, int fn_ref, sl_pool_t *pool) {
+  push_trampoline(w, trampoline, fn_ref);
+  lua_rawgeti(w->L, LUA_REGISTRYINDEX, pool->lua_pool);
 }
 
 int sl_policy_decide(sl_worker_t *w, sl_pool_t *pool, const sl_http_req_t *req,
@@ -821,30 +824,39 @@ static char *dup_string(lua_State *L, int idx, size_t *len) {
   return s ? sl_strndup(s, n) : NULL;
 }
 
+/* What the req/res objects and their edit methods see while a route hook runs. */
+static void hook_enter(sl_worker_t *w, int phase, const sl_http_req_t *req,
+                       const char *request_id, uint32_t attempt, const sl_exchange_t *res,
+                       sl_hedits_t *edits) {
+  w->hook_req = req;
+  w->hook_request_id = request_id;
+  w->hook_attempt = attempt;
+  w->hook_res = res;
+  w->hook_edits = edits;
+  w->hook_phase = (uint8_t)phase;
+}
+
+static void hook_leave(sl_worker_t *w) {
+  w->hook_edits = NULL;
+  w->hook_res = NULL;
+  w->hook_phase = SL_HOOK_NONE;
+}
+
 int sl_policy_on_request(sl_worker_t *w, const sl_gen_t *g, const sl_route_conf_t *route,
                          const sl_http_req_t *req, const char *request_id, sl_hedits_t *edits,
                          sl_hook_result_t *res, char *err, size_t errlen) {
   lua_State *L = w->L;
-  const sl_route_hook_t *h = &g->route_hooks[route - g->cfg->routes];
+  const sl_route_hook_t *h = sl_route_hook(g, route);
   memset(res, 0, sizeof(*res));
   if (h->on_request == LUA_NOREF) return 0;
   int base = lua_gettop(L);
-  w->hook_req = req;
-  w->hook_request_id = request_id;
-  w->hook_attempt = 0;
-  w->hook_edits = edits;
-  w->hook_phase = SL_HOOK_REQUEST;
-  lua_rawgeti(L, LUA_REGISTRYINDEX, w->lua_traceback);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, w->lua_hooks);
-  lua_getfield(L, -1, "route_request");
-  lua_remove(L, -2);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, h->on_request);
+  hook_enter(w, SL_HOOK_REQUEST, req, request_id, 0, NULL, edits);
+  push_trampoline(w, "route_request", h->on_request);
   lua_pushfstring(L, "route policy %s", route->hook);
   lua_rawgeti(L, LUA_REGISTRYINDEX, h->options);
   lua_rawgeti(L, LUA_REGISTRYINDEX, w->lua_req);
   int rc = hot_pcall(w, base, 4, 5, err, errlen);
-  w->hook_edits = NULL;
-  w->hook_phase = SL_HOOK_NONE;
+  hook_leave(w);
   if (rc != 0) return -1;
   const char *kind = lua_tostring(L, base + 1);
   if (kind && strcmp(kind, "pool") == 0) {
@@ -870,28 +882,18 @@ int sl_policy_on_request(sl_worker_t *w, const sl_gen_t *g, const sl_route_conf_
 int sl_policy_on_response(sl_worker_t *w, const sl_exchange_t *x, sl_hedits_t *edits, char *err,
                           size_t errlen) {
   lua_State *L = w->L;
-  const sl_gen_t *g = x->gen;
-  const sl_route_hook_t *h = &g->route_hooks[x->route - g->cfg->routes];
+  const sl_route_hook_t *h = sl_route_hook(x->gen, x->route);
   if (h->on_response == LUA_NOREF) return 0;
   int base = lua_gettop(L);
-  w->hook_req = &x->conn->req;
-  w->hook_request_id = x->request_id;
-  w->hook_attempt = x->attempts;
-  w->hook_res = x;
-  w->hook_edits = edits;
-  w->hook_phase = SL_HOOK_RESPONSE;
+  hook_enter(w, SL_HOOK_RESPONSE, &x->conn->req, x->request_id, x->attempts, x, edits);
+  /* on_response(req, res, options): called directly, no trampoline needed */
   lua_rawgeti(L, LUA_REGISTRYINDEX, w->lua_traceback);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, w->lua_hooks);
-  lua_getfield(L, -1, "route_response");
-  lua_remove(L, -2);
   lua_rawgeti(L, LUA_REGISTRYINDEX, h->on_response);
-  lua_rawgeti(L, LUA_REGISTRYINDEX, h->options);
   lua_rawgeti(L, LUA_REGISTRYINDEX, w->lua_req);
   lua_rawgeti(L, LUA_REGISTRYINDEX, w->lua_res);
-  int rc = hot_pcall(w, base, 4, 0, err, errlen);
-  w->hook_edits = NULL;
-  w->hook_res = NULL;
-  w->hook_phase = SL_HOOK_NONE;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, h->options);
+  int rc = hot_pcall(w, base, 3, 0, err, errlen);
+  hook_leave(w);
   lua_settop(L, base);
   return rc;
 }

@@ -102,6 +102,25 @@ static void end_exchange(sl_exchange_t *x) {
   x->phase = SL_X_IDLE;
 }
 
+/* Ends the exchange with a response the gateway formatted itself (an error, a hook's direct
+ * answer): counted and logged, then sent; frees `out`. */
+static void send_local(sl_exchange_t *x, int status, sl_buf_t *out, bool keep) {
+  sl_conn_t *c = x->conn;
+  x->bytes_out += out->len;
+  sl_telemetry_request_done(x, status);
+  end_exchange(x);
+  sl_conn_send_formatted(c, status, out, keep);
+  sl_buf_free(out);
+}
+
+/* A policy hook failed: counted (worker stats and its policy's error series) and logged. */
+static void policy_failed(sl_exchange_t *x, sl_mseries_t *series, const char *what,
+                          const char *err) {
+  W(x)->stats.policy_errors++;
+  sl_telemetry_policy_error(series);
+  SL_ERROR("policy error (route %s, %s): %s", x->route->path, what, err);
+}
+
 /* Ends the exchange with an error: a JSON error response when nothing was sent yet, otherwise
  * the client connection is cut (a truncated response must not look complete). The attempt must
  * already be over. */
@@ -126,11 +145,7 @@ static void respond_error(sl_exchange_t *x, int status, const char *type, const 
   sl_buf_t out;
   sl_buf_init(&out);
   bool keep = sl_conn_format_error(c, status, type, msg, extra, true, &out);
-  x->bytes_out += out.len;
-  sl_telemetry_request_done(x, status);
-  end_exchange(x);
-  sl_conn_send_formatted(c, status, &out, keep);
-  sl_buf_free(&out);
+  send_local(x, status, &out, keep);
 }
 
 /* Retries -------------------------------------------------------------------------------- */
@@ -641,9 +656,7 @@ static bool run_on_response(sl_exchange_t *x, sl_hedits_t *edits) {
   char err[512];
   if (sl_policy_on_response(W(x), x, edits, err, sizeof(err)) == 0) return true;
   sl_hedits_clear(edits);
-  W(x)->stats.policy_errors++;
-  sl_telemetry_policy_error(x->gen->route_hooks[x->route - x->gen->cfg->routes].errors);
-  SL_ERROR("policy error (route %s, on_response): %s", x->route->path, err);
+  policy_failed(x, sl_route_hook(x->gen, x->route)->errors, "on_response", err);
   x->hook_failed = true;
   return false;
 }
@@ -675,7 +688,7 @@ static int r_headers_complete(llhttp_t *p) {
   }
   if (status >= 400 && retry_on_status(x, status)) return HPE_PAUSED;
   sl_hedits_t redits = {0};
-  if (x->gen->route_hooks && x->route->hook && !run_on_response(x, &redits)) return HPE_PAUSED;
+  if (x->route->hook && !run_on_response(x, &redits)) return HPE_PAUSED;
 
   bool no_body = x->head_request || status == 204 || status == 304;
   bool has_cl = (p->flags & F_CONTENT_LENGTH) && !(p->flags & F_CHUNKED);
@@ -937,9 +950,7 @@ static bool run_on_request(sl_exchange_t *x) {
   char err[512];
   if (sl_policy_on_request(w, x->gen, route, &c->req, x->request_id, &x->edits, &res, err,
                            sizeof(err)) != 0) {
-    w->stats.policy_errors++;
-    sl_telemetry_policy_error(x->gen->route_hooks[route - x->gen->cfg->routes].errors);
-    SL_ERROR("policy error (route %s, on_request): %s", route->path, err);
+    policy_failed(x, sl_route_hook(x->gen, route)->errors, "on_request", err);
     x->pool_idx = -1;
     respond_error(x, 500, "policy_error", "the route policy of %s failed; see the gateway log",
                   route->path);
@@ -955,11 +966,7 @@ static bool run_on_request(sl_exchange_t *x) {
   sl_buf_init(&out);
   bool keep = sl_conn_format(c, res.status, res.content_type, res.body, res.body_len, res.headers,
                              true, &out);
-  x->bytes_out += out.len;
-  sl_telemetry_request_done(x, res.status);
-  end_exchange(x);
-  sl_conn_send_formatted(c, res.status, &out, keep);
-  sl_buf_free(&out);
+  send_local(x, res.status, &out, keep);
   sl_hook_result_free(&res);
   return false;
 }
@@ -1025,9 +1032,7 @@ void sl_proxy_start(sl_conn_t *c) {
       uv_timer_start(&x->timer, on_timer, route->cache->coalesce_wait_ms, 0);
       return;
     case SL_FLOW_ERROR:
-      W(x)->stats.policy_errors++;
-      sl_telemetry_policy_error(sl_route_m(x->gen, route)->policy_cache);
-      SL_ERROR("policy error (route %s cache policy): %s", route->path, err);
+      policy_failed(x, sl_route_m(x->gen, route)->policy_cache, "cache policy", err);
       respond_error(x, 500, "policy_error", "the cache policy of route %s failed; see the gateway log",
                     route->path);
       return;

@@ -207,14 +207,12 @@ static void route_label(const sl_route_conf_t *r, char *label, size_t len) {
   snprintf(label, len, "%s%s", r->host ? r->host : "", r->path);
 }
 
-/* Series of (route, pool), created on first use; pool_idx < 0: no pool ("" label). */
-static sl_route_pool_m_t *resolve_route_pool(sl_gen_t *g, const sl_route_conf_t *r,
-                                             int pool_idx) {
+/* Resolves the series of (route, pool); pool_idx < 0: no pool ("" label). */
+static void resolve_route_pool(sl_gen_t *g, const sl_route_conf_t *r, int pool_idx) {
   const sl_config_t *cfg = g->cfg;
   sl_route_m_t *m = &g->route_m[r - cfg->routes];
   uint32_t slot = pool_idx < 0 ? cfg->npools : (uint32_t)pool_idx;
   sl_route_pool_m_t *pm = &m->by_pool[slot];
-  if (pm->resolved) return pm;
   sl_telemetry_t *t = g->worker->tm;
   const char *pool = pool_idx < 0 ? "" : cfg->pools[pool_idx].name;
   char label[512];
@@ -225,8 +223,6 @@ static sl_route_pool_m_t *resolve_route_pool(sl_gen_t *g, const sl_route_conf_t 
     pm->ws_open = ser(t->ws_open, label, pool, NULL);
     pm->ws_total = ser(t->ws_total, label, pool, NULL);
   }
-  pm->resolved = true;
-  return pm;
 }
 
 void sl_telemetry_gen_build(sl_gen_t *g) {
@@ -274,9 +270,9 @@ void sl_telemetry_gen_build(sl_gen_t *g) {
     const sl_route_conf_t *r = &cfg->routes[i];
     sl_route_m_t *m = &g->route_m[i];
     m->by_pool = sl_calloc(cfg->npools + 1, sizeof(sl_route_pool_m_t));
-    resolve_route_pool(g, r, (int)r->pool_idx);
     /* A hook may pick any pool or answer itself: resolve them all now, so the series carry
      * over to the next generation (a reload keeps counting) instead of restarting. */
+    if (!r->hook) resolve_route_pool(g, r, (int)r->pool_idx);
     for (int p = -1; r->hook && p < (int)cfg->npools; p++) resolve_route_pool(g, r, p);
     if (r->cache) {
       char label[512];
@@ -291,7 +287,8 @@ void sl_telemetry_gen_build(sl_gen_t *g) {
 
 sl_route_pool_m_t *sl_telemetry_route_pool(sl_exchange_t *x) {
   if (!x->route || !x->gen || !x->gen->route_m) return NULL;
-  return resolve_route_pool(x->gen, x->route, x->pool_idx);
+  const sl_config_t *cfg = x->gen->cfg;
+  return &sl_route_m(x->gen, x->route)->by_pool[x->pool_idx < 0 ? cfg->npools : (uint32_t)x->pool_idx];
 }
 
 sl_mseries_t *sl_telemetry_policy_series(sl_telemetry_t *t, const char *kind, const char *name) {

@@ -23,7 +23,6 @@ typedef struct sl_pool_m {
 
 /* Request series of one (route, pool) pair. */
 typedef struct sl_route_pool_m {
-  bool resolved;
   sl_mseries_t *requests[6]; /* by status class 1..5 ([0] unused) */
   sl_mseries_t *duration;
   sl_mseries_t *ws_open, *ws_total; /* WebSocket pools only */
@@ -31,8 +30,8 @@ typedef struct sl_route_pool_m {
 
 typedef struct sl_route_m {
   /* By the pool that served (cfg->npools + 1 entries; the last: answered before a pool was
-   * chosen, e.g. by a hook). The route's own pool is resolved with the generation; pools a
-   * hook picks on their first request. */
+   * chosen, e.g. by a hook). Resolved with the generation: the route's own pool, and every
+   * pool (and none) when the route has a hook. */
   sl_route_pool_m_t *by_pool;
   sl_mseries_t *cache_hits, *cache_misses, *cache_coalesced, *policy_cache;
 } sl_route_m_t;

@@ -55,6 +55,11 @@ typedef struct sl_route_hook {
 
 enum { SL_HOOK_NONE = 0, SL_HOOK_REQUEST, SL_HOOK_RESPONSE };
 
+/* routes[i]'s hook in generation g (only for routes that have one). */
+static inline sl_route_hook_t *sl_route_hook(const sl_gen_t *g, const sl_route_conf_t *r) {
+  return &g->route_hooks[r - g->cfg->routes];
+}
+
 typedef struct sl_worker_stats {
   uint64_t accepted, requests, responses[6]; /* responses by status class 1xx..5xx, [0] other */
   uint64_t upstream_connect_errors, upstream_timeouts, policy_errors;

@@ -151,10 +151,6 @@ function M.route_request(fn, policy, options, req)
   return "respond", status, ctype or "text/plain; charset=utf-8", lines, body
 end
 
-function M.route_response(fn, options, req, res)
-  fn(req, res, options)
-end
-
 -- Runs a route policy's init(options, ctx) when it has one, at generation build time. ctx
 -- offers what only makes sense then: the pool names and loading a data file (a Lua table,
 -- path relative to the config's directory), evaluated with no globals and a budget.
