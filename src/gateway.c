@@ -155,12 +155,17 @@ int sl_worker_apply(sl_worker_t *w, sl_config_t *cfg, bool listening, char *err,
 }
 
 static int activate(sluice_t *s, sl_config_t *cfg) {
+  /* The new level already covers what loading the config logs; a failed load restores it. */
+  int old_level = sl_log_level;
+  if (forced_log_level < 0) sl_log_level = cfg->log_level;
   int rc = sl_worker_apply(s->worker, cfg, s->started, s->error, sizeof(s->error));
-  if (rc != 0) return rc;
+  if (rc != 0) {
+    sl_log_level = old_level;
+    return rc;
+  }
   sl_config_t *old_cfg = s->cfg;
   s->cfg = sl_config_ref(cfg);
   if (old_cfg) sl_config_unref(old_cfg);
-  if (forced_log_level < 0) sl_log_level = cfg->log_level;
   if (s->workers) sl_workers_reload(s->workers, cfg); /* the other threads follow */
   return 0;
 }

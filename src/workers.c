@@ -116,6 +116,7 @@ static void thread_main(void *arg) {
   w->index = t->index;
   w->gw = t;
   sl_policy_add_ext(w, t->exts, t->nexts);
+  sl_lua_set_mode(w->L, t->cfg->lua_jit, t->cfg->lua_budget);
   if (sl_worker_apply(w, t->cfg, false, t->err, sizeof(t->err)) != 0 ||
       sl_server_listen(w, t->cfg, t->ports, false, t->err, sizeof(t->err)) != 0) {
     t->rc = -1;
