@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <lauxlib.h>
 #include <llhttp.h>
+#include <luajit.h>
 #include <lualib.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -72,6 +73,8 @@ int sl_config_eval(lua_State *L, const sl_config_t *cfg, char *err, size_t errle
     lua_settop(L, base);
     return -1;
   }
+  /* User code: interpreted, so the instruction budget can stop a runaway loop in it. */
+  luaJIT_setmode(L, -1, LUAJIT_MODE_ALLFUNC | LUAJIT_MODE_OFF);
   if (luaL_loadstring(L, config_env_src) != 0 || lua_pcall(L, 0, 1, 0) != 0) {
     snprintf(err, errlen, "%s: internal error preparing config env: %s", cfg->file,
              lua_tostring(L, -1));

@@ -57,17 +57,47 @@ static void budget_hook(lua_State *L, lua_Debug *ar) {
   lua_error(L);
 }
 
+static _Thread_local bool jit_user_code;
+
 void sl_lua_set_mode(lua_State *L, bool jit, uint64_t budget) {
   budget_steps = (int64_t)(budget / SL_BUDGET_STEP);
   if (budget_steps < 1) budget_steps = 1;
   budget_left = budget_steps;
-  if (jit) {
-    luaJIT_setmode(L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_ON);
-    lua_sethook(L, NULL, 0, 0);
-  } else {
-    luaJIT_setmode(L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
-    lua_sethook(L, budget_hook, LUA_MASKCOUNT, SL_BUDGET_STEP);
-  }
+  jit_user_code = jit;
+  luaJIT_setmode(L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_ON);
+  if (jit) lua_sethook(L, NULL, 0, 0);
+  else lua_sethook(L, budget_hook, LUA_MASKCOUNT, SL_BUDGET_STEP);
+}
+
+#include "shipped_lua.h" /* generated: sl_shipped_lua_sha256[] */
+
+static bool shipped_source(const char *src, size_t len) {
+  unsigned char md[EVP_MAX_MD_SIZE];
+  unsigned int mdlen = 0;
+  if (!EVP_Digest(src, len, md, &mdlen, EVP_sha256(), NULL)) return false;
+  char hex[2 * EVP_MAX_MD_SIZE + 1];
+  for (unsigned int i = 0; i < mdlen; i++) snprintf(hex + 2 * i, 3, "%02x", md[i]);
+  for (size_t i = 0; i < sizeof(sl_shipped_lua_sha256) / sizeof(sl_shipped_lua_sha256[0]); i++)
+    if (strcmp(hex, sl_shipped_lua_sha256[i]) == 0) return true;
+  return false;
+}
+
+/* sluice.vm.seal(chunk, source, path) -> compiled: called on every chunk of policy code loaded
+ * from a file. Unless the source is one sluice ships or lua.jit is on, the chunk and every
+ * function defined in it stay interpreted, where the instruction budget can stop them. */
+static int l_vm_seal(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  size_t len;
+  const char *src = luaL_checklstring(L, 2, &len);
+  const char *path = luaL_optstring(L, 3, "?");
+  bool shipped = shipped_source(src, len);
+  if (!shipped && !jit_user_code) luaJIT_setmode(L, 1, LUAJIT_MODE_ALLFUNC | LUAJIT_MODE_OFF);
+  SL_DEBUG("lua: %s: %s", path,
+           shipped         ? "sluice's own source, compiled"
+           : jit_user_code ? "compiled (lua.jit = true)"
+                           : "interpreted under the instruction budget");
+  lua_pushboolean(L, shipped || jit_user_code);
+  return 1;
 }
 
 #ifndef SLUICE_POLICY_DIR
@@ -96,6 +126,12 @@ lua_State *sl_lua_newstate(void) {
   lua_getfield(L, -1, "preload");
   lua_pushcfunction(L, luaopen_cjson);
   lua_setfield(L, -2, "cjson");
+  lua_pop(L, 1);
+  lua_getfield(L, -1, "loaded");
+  lua_newtable(L);
+  lua_pushcfunction(L, l_vm_seal);
+  lua_setfield(L, -2, "seal");
+  lua_setfield(L, -2, "sluice.vm");
   lua_pop(L, 2);
   sl_lua_set_mode(L, false, (uint64_t)(budget_steps * SL_BUDGET_STEP));
   return L;

@@ -15,17 +15,20 @@ struct sl_http_req;
  * the compiled-in default. */
 const char *sl_lua_dir(void);
 
-/* A new VM with the standard libraries and package.path set to the runtime's lua/ dir. The JIT
- * is off and an instruction budget guards every call (see sl_lua_budget_reset). */
+/* A new VM with the standard libraries and package.path set to the runtime's lua/ dir, in
+ * the default mode of sl_lua_set_mode (user code interpreted under the budget). */
 lua_State *sl_lua_newstate(void);
 
 /* The bundled policies ($SLUICE_POLICY_DIR or the compiled-in default), searched after the
  * config's policies directory, so built-in policies need not be copied to be used. */
 const char *sl_bundled_policy_dir(void);
 
-/* Instruction budget. LuaJIT cannot interrupt a compiled loop, so a budget is only enforceable
- * with the JIT off: the count hook then stops a runaway policy with an error naming its line.
- * sl_lua_set_mode(L, true, ...) trades that safety for speed. */
+/* Compilation and the instruction budget. LuaJIT cannot interrupt compiled code, so the budget
+ * only guards interpreted code: with jit false (the default), every chunk of user code —
+ * policies, modules they require, data files, the config — has the JIT turned off for its
+ * functions and a count hook stops a runaway loop with an error naming its line. The Lua code
+ * sluice ships (lua/, and policies/ files whose source is unmodified, by SHA-256) is trusted
+ * and compiled either way. jit true compiles user code too and drops the hook. */
 void sl_lua_set_mode(lua_State *L, bool jit, uint64_t budget);
 /* Grants a fresh budget to the next call into Lua on this thread. */
 void sl_lua_budget_reset(void);

@@ -166,10 +166,11 @@ function M.route_init(mod, options, pool_names, config_dir)
     load_table = function(path)
       if type(path) ~= "string" or path == "" then error("load_table: expected a file path", 2) end
       if path:sub(1, 1) ~= "/" then path = config_dir .. "/" .. path end
-      local chunk, err = loadfile(path)
-      if not chunk then error("load_table: " .. err, 2) end
+      local ok, chunk = pcall(require("sluice.sandbox").load, path)
+      if not ok then error("load_table: " .. tostring(chunk), 2) end
       setfenv(chunk, {})
-      local ok, v = pcall(chunk)
+      local v
+      ok, v = pcall(chunk)
       if not ok then error("load_table: " .. tostring(v), 2) end
       if type(v) ~= "table" then error("load_table: " .. path .. " must return a table, got " .. type(v), 2) end
       return v

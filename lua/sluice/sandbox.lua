@@ -56,10 +56,25 @@ function M.context(sluice, roots)
   return { sluice_ro = readonly(sluice, "the sluice module"), roots = roots, loaded = {} }
 end
 
--- Loads and runs a file in a fresh sandbox env; errors carry "file:line: message".
-function M.run(path, ctx)
-  local chunk, err = loadfile(path)
+-- Inside the gateway, sluice.vm decides whether a chunk may be compiled (src/policy.c:
+-- sluice's own unmodified sources, or lua.jit on); elsewhere (busted) everything may.
+local has_vm, vm = pcall(require, "sluice.vm")
+
+-- Loads a file of user code as a chunk; errors carry "file:line: message".
+function M.load(path)
+  local f, oerr = io.open(path, "rb")
+  if not f then error("cannot open " .. path .. ": " .. tostring(oerr), 0) end
+  local src = f:read("*a")
+  f:close()
+  local chunk, err = loadstring(src, "@" .. path)
   if not chunk then error(err, 0) end
+  if has_vm then vm.seal(chunk, src, path) end
+  return chunk
+end
+
+-- Loads and runs a file in a fresh sandbox env.
+function M.run(path, ctx)
+  local chunk = M.load(path)
   setfenv(chunk, new_env(ctx))
   return chunk()
 end

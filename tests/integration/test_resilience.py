@@ -750,5 +750,72 @@ class JitModeTest(ResilienceCase):
         self.assertEqual(self.req("jit", "/echo/after").status, 200)
 
 
+
+class CompiledCodeTest(ResilienceCase):
+    """With lua.jit off (the default) sluice's own unmodified policies are compiled, while user
+    code, a modified copy of a shipped policy included, stays interpreted under the budget; the
+    budget is the configured one on every worker thread."""
+
+    @classmethod
+    def setUpEnv(cls):
+        env = cls.env
+        cls.mock = env.mock("cc")
+        src = open(os.path.join(h.POLICIES_DIR, "balancer", "round_robin.lua")).read()
+        env.write("policies/balancer/round_robin.lua", src)  # an unmodified copy
+        # The shipped source with a runaway pick: trust must follow the content, not the name.
+        tail = src.rindex("return M")
+        env.write("policies/balancer/rr_spin.lua", src[:tail]
+                  + "function M.pick(pool, req)\n  local n = 0\n  while true do n = n + 1 end\nend\n"
+                  + src[tail:])
+        env.write("policies/balancer/mine.lua", "local M = {}\nfunction M.pick(pool, req) return 1 end\nreturn M\n")
+        pools = {"rr": h.make_pool([cls.mock], "round_robin"),
+                 "spin": h.make_pool([cls.mock], "rr_spin"),
+                 "mine": h.make_pool([cls.mock], "mine"),
+                 "lq": h.make_pool([cls.mock], "least_queue")}  # from the bundled directory
+        cfg = h.make_config(pools, host_routes(pools), policies=env.path("policies"),
+                            log_level="debug", workers=2, lua={"instruction_budget": 50000})
+        cls.sluice = env.sluice(cfg)
+        cls.port = cls.sluice.port
+
+    @classmethod
+    def tearDownClass(cls):
+        if cls.sluice.alive():
+            try:
+                cls.sluice.stop(timeout=3)
+            except Exception:
+                pass
+        super().tearDownClass()
+
+    def test_load_says_what_is_compiled(self):
+        log = self.sluice.log_text()
+        pol = re.escape(self.env.path("policies/balancer/"))
+        self.assertRegex(log, pol + r"round_robin\.lua: sluice's own source, compiled")
+        self.assertRegex(log, r"balancer/least_queue\.lua: sluice's own source, compiled")
+        self.assertRegex(log, pol + r"rr_spin\.lua: interpreted under the instruction budget")
+        self.assertRegex(log, pol + r"mine\.lua: interpreted under the instruction budget")
+        self.assertNotRegex(log, r"(rr_spin|mine)\.lua: .*compiled")
+
+    def test_shipped_and_user_policies_serve(self):
+        for pool in ("rr", "mine", "lq"):
+            rs = self.seq(pool, 20)
+            self.assertEqual([r.status for r in rs], [200] * 20, pool)
+
+    def test_modified_shipped_policy_is_stopped_on_every_worker(self):
+        # 40 connections: SO_REUSEPORT spreads them over both workers (all on one: 2^-39).
+        mark = self.sluice.log_mark()
+        for i in range(40):
+            try:
+                r = self.req("spin", "/echo/%d" % i, timeout=5)
+            except socket.timeout:
+                self.fail("a runaway loop in a modified copy of a shipped policy hangs a worker")
+            self.assertJsonError(r, 500, "policy_error")
+        self.assertIsNotNone(self.sluice.wait_log(r"policy error \(pool spin", 2, start=mark))
+        lines = self.log_lines(r"policy error \(pool spin", mark)
+        self.assertEqual(len(lines), 40, lines[:3])
+        for line in lines:
+            self.assertRegex(line, r"rr_spin\.lua:\d+: instruction budget of 50000 exceeded")
+        self.assertEqual(self.req("rr", "/echo/after").status, 200)
+
+
 if __name__ == "__main__":
     unittest.main()

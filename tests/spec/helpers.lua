@@ -662,6 +662,8 @@ function h.runtime()
   if not m then
     h.runtime_ffi()
     package.loaded["sluice.json"] = package.loaded["sluice.json"] or h.json
+    package.loaded["sluice.sandbox"] = package.loaded["sluice.sandbox"]
+      or assert(loadfile(h.ROOT .. "/lua/sluice/sandbox.lua"))()
     m = assert(loadfile(h.ROOT .. "/lua/sluice/runtime.lua"))()
     package.loaded["sluice.runtime"] = m
   end
