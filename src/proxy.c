@@ -667,7 +667,7 @@ static int r_headers_complete(llhttp_t *p) {
   int status = p->status_code;
   if (status < 200 && status != 101) {
     x->skip_message = true; /* interim response: the final one follows */
-    return 0;
+    return 1;               /* never a body, whatever its headers say */
   }
   x->status = (uint16_t)status;
   if (x->ws_upgrade) return ws_handshake_head(x, status);
@@ -745,7 +745,9 @@ static int r_headers_complete(llhttp_t *p) {
     sl_buf_appends(o, "Connection: keep-alive\r\n");
   sl_buf_append(o, "\r\n", 2);
   x->head_sent = true;
-  return x->head_request ? 1 : 0;
+  /* 1 = no body: llhttp would otherwise read Content-Length bytes after a 204 or 304 (RFC
+   * 9110 6.4.1: they have none), hanging the exchange and misframing a reused connection. */
+  return no_body ? 1 : 0;
 }
 
 static int r_body(llhttp_t *p, const char *at, size_t len) {
