@@ -303,6 +303,7 @@ static void send_request(sl_exchange_t *x) {
     x->connecting = false;
   }
   x->got_bytes = x->message_done = x->skip_message = x->status_retry = x->hook_failed = false;
+  x->rerror = NULL;
   x->nrhdr = 0;
   x->rstr.len = 0;
   x->rfield = 0;
@@ -525,7 +526,7 @@ static void on_up_read(void *ctx, sl_upconn_t *u, const char *data, ssize_t n) {
   if (e != HPE_OK) {
     sl_outcome_t o = outcome(x, "reset", 0);
     attempt_failed(x, &o, -2, 502, "upstream_protocol_error", "invalid response from %s: %s",
-                   x->ep->url, llhttp_get_error_reason(&x->rp));
+                   x->ep->url, x->rerror ? x->rerror : llhttp_get_error_reason(&x->rp));
     return;
   }
   if (sl_conn_queued_bytes(x->conn) > sl_server_client_hwm() && !x->up_paused) {
@@ -550,6 +551,11 @@ static const sl_upconn_ops_t up_ops = {
 #define X(p) ((sl_exchange_t *)(p)->data)
 #define SL_MAX_RESPONSE_HEADER_BYTES (256 * 1024)
 
+static int head_too_big(sl_exchange_t *x) {
+  x->rerror = "response header section over 256 KiB";
+  return -1;
+}
+
 static int r_field(llhttp_t *p, const char *at, size_t len) {
   sl_exchange_t *x = X(p);
   if (x->rfield != 1) {
@@ -562,7 +568,7 @@ static int r_field(llhttp_t *p, const char *at, size_t len) {
     h[1] = h[2] = h[3] = 0;
     x->rfield = 1;
   }
-  if (x->rstr.len + len > SL_MAX_RESPONSE_HEADER_BYTES) return -1;
+  if (x->rstr.len + len > SL_MAX_RESPONSE_HEADER_BYTES) return head_too_big(x);
   sl_buf_append(&x->rstr, at, len);
   return 0;
 }
@@ -575,7 +581,7 @@ static int r_value(llhttp_t *p, const char *at, size_t len) {
     h[2] = (uint32_t)x->rstr.len;
     x->rfield = 2;
   }
-  if (x->rstr.len + len > SL_MAX_RESPONSE_HEADER_BYTES) return -1;
+  if (x->rstr.len + len > SL_MAX_RESPONSE_HEADER_BYTES) return head_too_big(x);
   sl_buf_append(&x->rstr, at, len);
   return 0;
 }
@@ -676,6 +682,7 @@ static int r_headers_complete(llhttp_t *p) {
   /* One pass for the headers the gateway acts on. */
   const char *conn_tokens = NULL;
   size_t conn_len = 0;
+  unsigned te = 0;
   for (uint32_t i = 0; i < x->nrhdr; i++) {
     const uint32_t *h = &x->rhdr[4 * i];
     const char *n = x->rstr.data + h[0], *v = x->rstr.data + h[2];
@@ -684,6 +691,13 @@ static int r_headers_complete(llhttp_t *p) {
       conn_len = h[3];
     } else if (h[1] == 6 && sl_strieq(n, 6, "x-load")) {
       x->ep->view.reported_load = parse_number(v, h[3], x->ep->view.reported_load);
+    } else if (h[1] == 17 && sl_strieq(n, 17, "transfer-encoding")) {
+      /* Transfer-Encoding is hop-by-hop and not forwarded: any coding but chunked would reach
+       * the client still applied and unannounced (nginx refuses these too). */
+      if (++te > 1 || !sl_strieq(v, h[3], "chunked")) {
+        x->rerror = "unsupported Transfer-Encoding (only \"chunked\" is relayed)";
+        return -1;
+      }
     }
   }
   if (status >= 400 && retry_on_status(x, status)) return HPE_PAUSED;

@@ -63,6 +63,7 @@ typedef struct sl_exchange {
   bool out_close;         /* body delimited by closing the client connection (HTTP/1.0) */
   bool skip_message;      /* ignoring an interim 1xx response */
   bool message_done;
+  const char *rerror;     /* why a response callback failed (llhttp only says "User callback error") */
   bool up_keep;           /* upstream connection reusable after this response */
   bool up_paused;         /* upstream reads paused for client backpressure */
   bool stale_retried;     /* already re-sent once after a stale pooled connection */

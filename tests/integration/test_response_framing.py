@@ -18,7 +18,18 @@ ROUTES = {
     "/1xx-twice": (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </b>\r\n\r\n"
                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Case: 1xx\r\n\r\nok"),
     "/plain": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Case: plain\r\n\r\nplain",
+    "/trailers": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-T\r\n\r\n"
+                  b"2\r\nok\r\n0\r\nX-T: 1\r\n\r\n"),
+    # Codings other than chunked would reach the client applied but unannounced
+    # (Transfer-Encoding is hop-by-hop): refused, as nginx does.
+    "/te-gzip": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n\x1f\x8bnot-really-gzip",
+    "/te-gzip-chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    "/te-twice": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"3\r\nabc\r\n0\r\n\r\n"),
+    "/te-cl": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    "/huge-head": b"HTTP/1.1 200 OK\r\n" + b"X-Big: " + b"b" * 300000 + b"\r\nContent-Length: 2\r\n\r\nok",
 }
+CLOSE_AFTER = {"/te-gzip"}
 HEAD_LEN = 1234
 
 
@@ -31,8 +42,11 @@ def handler(up, conn, n, req):
     if target == "/until-close":
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nbody until the close")
         return False
-    conn.sendall(ROUTES.get(target, b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"))
-    return True
+    try:
+        conn.sendall(ROUTES.get(target, b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"))
+    except OSError:  # sluice stops reading a response it refused
+        return False
+    return target not in CLOSE_AFTER
 
 
 class ResponseFramingTest(h.SluiceTestCase):
@@ -116,6 +130,23 @@ class ResponseFramingTest(h.SluiceTestCase):
         self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
         self.assertNotIn(b"transfer-encoding", head.lower())
         self.assertEqual(body, b"body until the close")
+
+    def test_chunked_with_trailers(self):
+        r, opened = self.pair("GET", "/trailers")
+        self.assertEqual(r.status, 200)
+        self.assertEqual(r.body, b"ok")
+        self.assertLessEqual(opened, 1)
+
+    def test_bad_transfer_codings_are_502(self):
+        for path, why in (("/te-gzip", "unsupported Transfer-Encoding"),
+                          ("/te-gzip-chunked", "unsupported Transfer-Encoding"),
+                          ("/te-twice", "unsupported Transfer-Encoding"),
+                          ("/te-cl", "Content-Length"),
+                          ("/huge-head", "response header section over 256 KiB")):
+            with self.subTest(path=path):
+                r, _ = self.pair("GET", path)
+                self.assertJsonError(r, 502, "upstream_protocol_error")
+                self.assertIn(why, r.json()["error"]["message"])
 
 
 if __name__ == "__main__":
