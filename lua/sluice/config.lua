@@ -174,6 +174,15 @@ local hook_schema = record({
   json_max_bytes = int(0, 64 * 1024 * 1024, 64 * 1024),
 })
 
+-- Complete final responses only: a stored 206 or 304 would answer requests that asked for no
+-- range or revalidation, and a 1xx is not a response to store.
+local function cacheable_status(v, path)
+  if type(v) ~= "number" or v ~= math.floor(v) or v < 200 or v > 599 or v == 206 or v == 304 then
+    fail(path, "expected a final status 200-599 other than 206 and 304, got " .. describe(v))
+  end
+  return v
+end
+
 local check -- defined below; hook specs are checked with it
 
 local schema = record({
@@ -226,7 +235,7 @@ local schema = record({
     cache = record({
       ttl_s = int(1, 31536000, 60),
       methods = array(enum({ "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS" }), { default = { "GET", "HEAD" } }),
-      statuses = array(int(100, 599), { default = { 200 } }),
+      statuses = array(custom(cacheable_status), { default = { 200 } }),
       key_headers = array(str(nil, "^[%w!#$%%&'*+.^_`|~-]+$", "a header name"), { default = {} }),
       authorization = bool(true),
       json = record({ canonical = bool(false), ignore = array(str(nil, nil, "a field name"), { default = {} }) }),

@@ -91,6 +91,13 @@ static void errors_name_file_line_and_key(void) {
   expect_error("return 42\n", "the config file must return a table");
   expect_error("error('custom failure')\n", "bad.lua:1: custom failure");
   expect_error("return { log_level = \"loud\" }\n", "log_level: expected one of error, warn, info, debug");
+  /* a stored 206 or 304 would answer requests that asked for no range or revalidation */
+  expect_error("return {\n  pools = { a = { endpoints = { \"http://x:1\" } } },\n  routes = { { path = \"/\", pool = \"a\",\n    cache = { statuses = { 200, 206 } } } },\n}\n",
+               "bad.lua:4: routes[1].cache.statuses[2]: expected a final status 200-599 other than 206 and 304");
+  expect_error("return {\n  pools = { a = { endpoints = { \"http://x:1\" } } },\n  routes = { { path = \"/\", pool = \"a\", cache = { statuses = { 304 } } } },\n}\n",
+               "routes[1].cache.statuses[1]: expected a final status");
+  expect_error("return {\n  pools = { a = { endpoints = { \"http://x:1\" } } },\n  routes = { { path = \"/\", pool = \"a\", cache = { statuses = { 101 } } } },\n}\n",
+               "routes[1].cache.statuses[1]: expected a final status");
   /* the config cannot do I/O */
   expect_error("io.open('/etc/passwd')\nreturn {}\n", "bad.lua:1:");
 }
