@@ -32,6 +32,15 @@ static char byte_before(const sl_h1_parser_t *h, const char *at, size_t back) {
   return back <= 2 ? h->prev_bytes[2 - back] : 0;
 }
 
+/* The last byte before `at` that is not SP or HTAB, looking into the previous input as needed. */
+static char byte_before_ws(const sl_h1_parser_t *h, const char *at) {
+  for (const char *q = at; q > h->exec_start;) {
+    char c = *--q;
+    if (c != ' ' && c != '\t') return c;
+  }
+  return h->prev_nonws;
+}
+
 static int on_url(llhttp_t *p, const char *at, size_t len) {
   sl_h1_parser_t *h = H1(p);
   /* llhttp tolerates several spaces between method and target; RFC 9112 3 has exactly one. */
@@ -77,9 +86,13 @@ static int on_header_field_complete(llhttp_t *p) {
 static int on_header_value(llhttp_t *p, const char *at, size_t len) {
   sl_h1_parser_t *h = H1(p);
   if (h->in_field == 0) return fail(p, 400, "empty header name");
+  if (len == 0) return 0; /* llhttp reports empty spans too: the value has not started */
   /* llhttp accepts obs-fold (a value continued on a line starting with whitespace) even in
-   * strict mode; it shows up as a value span that directly follows a line break. */
-  if (len && (at[0] == ' ' || at[0] == '\t') && byte_before(h, at, 1) == '\n')
+   * strict mode; it shows up as a value span that directly follows a line break, or, when the
+   * first line's value was empty, as a value that starts on the next line (llhttp skips the
+   * continuation's leading whitespace: "Content-Length:\r\n 5" would otherwise read as 5). */
+  if ((len && (at[0] == ' ' || at[0] == '\t') && byte_before(h, at, 1) == '\n') ||
+      (h->in_field != 2 && byte_before_ws(h, at) == '\n'))
     return fail(p, 400, "obsolete line folding in header value");
   if (h->in_field != 2) {
     h->req->headers[h->req->nheaders - 1].value_off = (uint32_t)h->req->strings.len;
@@ -265,23 +278,35 @@ void sl_h1_parser_init(sl_h1_parser_t *h, sl_http_req_t *req, const sl_h1_limits
   h->limits = limits;
 }
 
+/* What the callbacks of the next call may need to see of the input consumed by this one. */
+static void remember_tail(sl_h1_parser_t *h, const char *data, size_t n) {
+  if (n >= 2) {
+    h->prev_bytes[0] = data[n - 2];
+    h->prev_bytes[1] = data[n - 1];
+  } else if (n == 1) {
+    h->prev_bytes[0] = h->prev_bytes[1];
+    h->prev_bytes[1] = data[0];
+  }
+  for (size_t i = n; i > 0; i--) {
+    if (data[i - 1] != ' ' && data[i - 1] != '\t') {
+      h->prev_nonws = data[i - 1];
+      break;
+    }
+  }
+}
+
 sl_h1_event_t sl_h1_execute(sl_h1_parser_t *h, const char *data, size_t len, size_t *used) {
   h->event = SL_H1_AGAIN;
   h->exec_start = data;
   llhttp_errno_t e = llhttp_execute(&h->p, data, len);
-  if (len >= 2) {
-    h->prev_bytes[0] = data[len - 2];
-    h->prev_bytes[1] = data[len - 1];
-  } else if (len == 1) {
-    h->prev_bytes[0] = h->prev_bytes[1];
-    h->prev_bytes[1] = data[0];
-  }
   if (e == HPE_OK) {
     *used = len;
+    remember_tail(h, data, len);
     return SL_H1_AGAIN;
   }
   if (e == HPE_PAUSED || e == HPE_PAUSED_UPGRADE) {
     *used = (size_t)(llhttp_get_error_pos(&h->p) - data);
+    remember_tail(h, data, *used); /* the rest is fed again */
     if (e == HPE_PAUSED_UPGRADE) h->event = SL_H1_MESSAGE;
     return (sl_h1_event_t)h->event;
   }

@@ -68,6 +68,7 @@ typedef struct sl_h1_parser {
   uint8_t event;    /* pending sl_h1_event_t */
   bool headers_done;
   char prev_bytes[2];     /* the two last bytes of the previous input, oldest first */
+  char prev_nonws;        /* the last byte of the previous input that is not SP or HTAB */
   const char *exec_start; /* input of the current sl_h1_execute call */
 } sl_h1_parser_t;
 

@@ -677,6 +677,10 @@ static int r_headers_complete(llhttp_t *p) {
   }
   x->status = (uint16_t)status;
   if (x->ws_upgrade) return ws_handshake_head(x, status);
+  if (status == 101) { /* the connection now speaks something else: never relay or reuse it */
+    x->rerror = "101 Switching Protocols to a request that asked for no upgrade";
+    return -1;
+  }
   /* Decided here: after message completion llhttp has reset the flags it is computed from. */
   x->up_keep = llhttp_should_keep_alive(p);
   /* One pass for the headers the gateway acts on. */

@@ -157,6 +157,16 @@ static void expect_continue(void) {
   CHECK_EQ_INT(r.error_status, 417);
 }
 
+/* Empty values are not folds, however the bytes arrive. */
+static void empty_values(void) {
+  result_t r = parse_all_ways("POST / HTTP/1.1\r\nHost: h\r\nX-Empty: \r\nX-None:\r\n"
+                              "Content-Length: 3\r\n\r\nabc");
+  CHECK_EQ_INT(r.error_status, 0);
+  CHECK_EQ_INT(r.messages, 1);
+  CHECK_EQ_INT(r.body_len, 3);
+  CHECK_EQ_INT(r.nheaders, 4);
+}
+
 static void trailing_whitespace_trimmed(void) {
   result_t r = parse_all_ways("GET / HTTP/1.1\r\nHost: h   \r\n\r\n");
   CHECK_EQ_STR(r.host, "h");
@@ -193,6 +203,12 @@ static void rejects(void) {
       {400, "FOO / HTTP/1.1\r\nHost: h\r\n\r\n"},
       {505, "GET / HTTP/2.0\r\nHost: h\r\n\r\n"},
       {400, "GET / HTTP/1.1\r\nHost: h\r\nX-Fold: a\r\n\tb\r\n\r\n"},
+      /* folds after an empty first line: llhttp drops the continuation's leading whitespace */
+      {400, "POST / HTTP/1.1\r\nHost: h\r\nContent-Length:\r\n 5\r\n\r\nhello"},
+      {400, "POST / HTTP/1.1\r\nHost: h\r\nContent-Length:  \t\r\n\t 5\r\n\r\nhello"},
+      {400, "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding:\r\n chunked\r\n\r\n0\r\n\r\n"},
+      {400, "GET / HTTP/1.1\r\nHost:\r\n evil.example\r\n\r\n"},
+      {400, "GET / HTTP/1.1\r\nHost: h\r\nX-Empty:\r\n x\r\n\r\n"},
       {400, "GET / http/1.1\r\nHost: h\r\n\r\n"},
       {400, "GET / HTTP/1.1 \r\nHost: h\r\n\r\n"},
       {400, "\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"},
@@ -268,5 +284,5 @@ static void find_header(void) {
 }
 
 TEST_MAIN(T(simple_get), T(content_length_body), T(chunked_body), T(pipelined), T(http10),
-          T(expect_continue), T(trailing_whitespace_trimmed), T(rejects), T(nul_in_header_value),
+          T(expect_continue), T(trailing_whitespace_trimmed), T(empty_values), T(rejects), T(nul_in_header_value),
           T(limits_enforced), T(find_header))
