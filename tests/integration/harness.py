@@ -185,6 +185,20 @@ def make_config(pools, routes, limits=None, policies=None, log_level="info", **e
 # Processes
 
 
+ADMIN_RE = re.compile(r"admin listening on 127\.0\.0\.1:(\d+)")
+SANITIZER_RE = re.compile(r"ERROR: AddressSanitizer|ERROR: LeakSanitizer|runtime error:|"
+                          r"UndefinedBehaviorSanitizer|SUMMARY: \w+Sanitizer")
+
+
+def sanitizer_report(text):
+    """The sanitizer report in a sluice log (with some context before it), or None."""
+    m = SANITIZER_RE.search(text)
+    if not m:
+        return None
+    start = text.rfind("\n", 0, max(0, m.start() - 2000)) + 1
+    return text[start:m.start() + 6000]
+
+
 def _stop_process(proc, sig=signal.SIGTERM, timeout=10.0):
     """Signals proc and waits; SIGKILL after timeout. Returns (returncode, killed)."""
     if proc.poll() is not None:
@@ -378,6 +392,18 @@ class Sluice:
     def alive(self):
         return self.proc is not None and self.proc.poll() is None
 
+    def admin_port(self, timeout=5.0):
+        """The port the admin listener bound (from the start-up log line)."""
+        m = self.wait_log(ADMIN_RE, timeout)
+        assert m, "no admin listener in the log:\n" + self.log_text()
+        return int(m.group(1))
+
+    def status(self):
+        """GET /status on the admin listener, decoded."""
+        st, _, body = http_request(self.admin_port(), "GET", "/status")
+        assert st == 200, (st, body)
+        return json.loads(body)
+
     def stop(self, sig=signal.SIGTERM, timeout=15.0):
         """Signals sluice and waits for it; returns its exit code (SIGKILL after timeout:
         then the code is reported as 'killed')."""
@@ -472,6 +498,9 @@ class Env:
             if check_exit and not already and rc != 0:
                 problems.append("sluice (pid %d) exited with %s on SIGTERM; log:\n%s"
                                 % (s.proc.pid, rc, "\n".join(s.lines[-30:])))
+            rep = sanitizer_report(s.log_text())
+            if rep:
+                problems.append("sanitizer report in the log of sluice (pid %d):\n%s" % (s.proc.pid, rep))
         for u in self.upstreams:
             u.close()
         for m in self.mocks:

@@ -17,7 +17,6 @@ import unittest
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 import harness as h  # noqa: E402
 
-ADMIN_RE = re.compile(r"admin listening on 127\.0\.0\.1:(\d+)")
 KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 STATS_KEYS = ("entries", "bytes", "max_bytes", "hits", "misses", "coalesced", "inserts",
               "evictions", "expired", "purged")
@@ -30,9 +29,7 @@ class CacheCase(h.SluiceTestCase):
     def start_sluice(cls, cfg):
         cls.sluice = cls.env.sluice(cfg)
         cls.port = cls.sluice.port
-        m = cls.sluice.wait_log(ADMIN_RE, 5)
-        assert m, "no admin listener in the log:\n" + cls.sluice.log_text()
-        cls.admin = int(m.group(1))
+        cls.admin = cls.sluice.admin_port()
 
     def req(self, method, path, headers=None, body=None, host="localhost", version="HTTP/1.1"):
         with h.RawConn(self.port, timeout=10) as c:

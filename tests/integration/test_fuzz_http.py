@@ -56,18 +56,6 @@ MAX_BODY = 32768
 HEADER_TIMEOUT_MS = 2000
 IDLE_TIMEOUT_MS = 500
 
-SANITIZER_RE = re.compile(r"ERROR: AddressSanitizer|ERROR: LeakSanitizer|runtime error:|"
-                          r"UndefinedBehaviorSanitizer|SUMMARY: \w+Sanitizer")
-ADMIN_RE = re.compile(r"admin listening on 127\.0\.0\.1:(\d+)")
-
-
-def sanitizer_report(text):
-    m = SANITIZER_RE.search(text)
-    if not m:
-        return None
-    start = text.rfind("\n", 0, max(0, m.start() - 2000)) + 1
-    return text[start:m.start() + 6000]
-
 
 # ---------------------------------------------------------------------------------------
 # Case tags: every request target of case i carries tag(i); a checksum keeps a mutated tag
@@ -1012,36 +1000,9 @@ class FuzzHttpTest(h.SluiceTestCase):
         cfg = h.make_config({"p": pool}, [{"path": "/", "pool": "p"}], limits=limits, watch=False)
         cls.sluice = cls.env.sluice(cfg)
         cls.port = cls.sluice.port
-        m = cls.sluice.wait_log(ADMIN_RE, 5)
-        assert m, "no admin listener in the log:\n" + cls.sluice.log_text()
-        cls.admin = int(m.group(1))
-
-    @classmethod
-    def tearDownClass(cls):
-        problems = []
-        s = getattr(cls, "sluice", None)
-        if s is not None and s.proc is not None and s.stop_rc is None:
-            alive = s.alive()
-            rc = s.stop()
-            if not alive:
-                problems.append("sluice exited by itself before teardown")
-            elif rc != 0:
-                problems.append("sluice exited with %s on SIGTERM" % (rc,))
-            rep = sanitizer_report(s.log_text())
-            if rep:
-                problems.append("sanitizer report in the sluice log:\n" + rep)
-            if problems:
-                problems.append("log tail:\n" + "\n".join(s.lines[-40:]))
-        try:
-            super().tearDownClass()
-        finally:
-            if problems:
-                raise AssertionError("\n".join(problems))
 
     def status(self):
-        st, _, body = h.http_request(self.admin, "GET", "/status")
-        self.assertEqual(st, 200)
-        return json.loads(body)
+        return self.sluice.status()
 
     def assert_serving(self):
         with h.RawConn(self.port) as c:
@@ -1104,7 +1065,7 @@ class FuzzHttpTest(h.SluiceTestCase):
                 self.fail("sluice died (rc %s) with cases %s in flight:\n%s\n%s" % (
                     self.sluice.proc.returncode, inflight,
                     "\n".join(describe(r.case) for r in active.values())[:20000],
-                    sanitizer_report(self.sluice.log_text()) or "\n".join(self.sluice.lines[-40:])))
+                    h.sanitizer_report(self.sluice.log_text()) or "\n".join(self.sluice.lines[-40:])))
             if len(res.failures) > 200:
                 break
         sel.close()
@@ -1180,7 +1141,7 @@ class FuzzHttpTest(h.SluiceTestCase):
         pool = st["pools"][0]
         self.assertEqual((pool["active"], pool["queued"]), (0, 0), st)
         self.assertEqual(pool["endpoints"][0]["inflight"], 0, st)
-        rep = sanitizer_report(self.sluice.log_text())
+        rep = h.sanitizer_report(self.sluice.log_text())
         self.assertIsNone(rep, rep)
 
 

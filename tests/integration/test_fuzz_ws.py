@@ -39,7 +39,6 @@ import base64
 import collections
 import concurrent.futures
 import hashlib
-import json
 import os
 import random
 import re
@@ -66,18 +65,6 @@ IDLE_MS = 800         # the /idle pool's session idle timeout
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 CONT, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 DATA_OPS = (TEXT, BINARY)
-
-SANITIZER_RE = re.compile(r"ERROR: AddressSanitizer|ERROR: LeakSanitizer|runtime error:|"
-                          r"UndefinedBehaviorSanitizer|SUMMARY: \w+Sanitizer")
-ADMIN_RE = re.compile(r"admin listening on 127\.0\.0\.1:(\d+)")
-
-
-def sanitizer_report(text):
-    m = SANITIZER_RE.search(text)
-    if not m:
-        return None
-    start = text.rfind("\n", 0, max(0, m.start() - 2000)) + 1
-    return text[start:m.start() + 6000]
 
 
 def valid_close_code(code):
@@ -892,36 +879,9 @@ class FuzzWebSocketTest(h.SluiceTestCase):
         limits = {"idle_timeout_ms": 500, "header_timeout_ms": 2000}
         cls.sluice = cls.env.sluice(h.make_config(pools, routes, limits=limits, watch=False))
         cls.port = cls.sluice.port
-        m = cls.sluice.wait_log(ADMIN_RE, 5)
-        assert m, "no admin listener in the log:\n" + cls.sluice.log_text()
-        cls.admin = int(m.group(1))
-
-    @classmethod
-    def tearDownClass(cls):
-        problems = []
-        s = getattr(cls, "sluice", None)
-        if s is not None and s.proc is not None and s.stop_rc is None:
-            alive = s.alive()
-            rc = s.stop()
-            if not alive:
-                problems.append("sluice exited by itself before teardown")
-            elif rc != 0:
-                problems.append("sluice exited with %s on SIGTERM" % (rc,))
-            rep = sanitizer_report(s.log_text())
-            if rep:
-                problems.append("sanitizer report in the sluice log:\n" + rep)
-            if problems:
-                problems.append("log tail:\n" + "\n".join(s.lines[-40:]))
-        try:
-            super().tearDownClass()
-        finally:
-            if problems:
-                raise AssertionError("\n".join(problems))
 
     def status(self):
-        st, _, body = h.http_request(self.admin, "GET", "/status")
-        self.assertEqual(st, 200)
-        return json.loads(body)
+        return self.sluice.status()
 
     # one session ---------------------------------------------------------------------------
 
@@ -1151,7 +1111,7 @@ class FuzzWebSocketTest(h.SluiceTestCase):
                     break
         if not self.sluice.alive():
             self.fail("sluice died (rc %s):\n%s" % (self.sluice.proc.returncode,
-                                                    sanitizer_report(self.sluice.log_text())
+                                                    h.sanitizer_report(self.sluice.log_text())
                                                     or "\n".join(self.sluice.lines[-40:])))
         return failures
 
@@ -1327,7 +1287,7 @@ class FuzzWebSocketTest(h.SluiceTestCase):
         for pool in st["pools"]:
             self.assertEqual((pool["name"], pool["active"], pool["queued"]), (pool["name"], 0, 0), st)
         self.assertGreaterEqual(st["websocket"]["sessions_total"], len(idxs))
-        rep = sanitizer_report(self.sluice.log_text())
+        rep = h.sanitizer_report(self.sluice.log_text())
         self.assertIsNone(rep, rep)
 
 

@@ -23,7 +23,6 @@ sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 import harness as h  # noqa: E402
 import websockets  # noqa: E402  (Debian python3-websockets)
 
-ADMIN_RE = re.compile(r"admin listening on 127\.0\.0\.1:(\d+)")
 DOC = os.path.join(h.SOURCE_DIR, "docs", "metrics.md")
 TOKEN = "obs-admin-token-0123456789abcdef"
 FAIL503 = ["--fail-rate", "1", "--fail-status", "503"]
@@ -202,9 +201,7 @@ class ObsCase(h.SluiceTestCase):
     def start_sluice(cls, cfg):
         cls.sluice = cls.env.sluice(cfg)
         cls.port = cls.sluice.port
-        m = cls.sluice.wait_log(ADMIN_RE, 5)
-        assert m, "no admin listener in the log:\n" + cls.sluice.log_text()
-        cls.admin = int(m.group(1))
+        cls.admin = cls.sluice.admin_port()
 
     def auth(self):
         return {"Authorization": "Bearer " + self.token} if self.token else {}

@@ -14,7 +14,6 @@ import unittest
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 import harness as h  # noqa: E402
 
-ADMIN_RE = re.compile(r"admin listening on 127\.0\.0\.1:(\d+)")
 
 STICKY = "-- sends everything to endpoint %d\nreturn { pick = function(pool, req) return %d end }\n"
 BROKEN = "return { pick = function(pool, req) return 1 end\n"  # syntax error: missing }
@@ -78,8 +77,7 @@ class ReloadTest(h.SluiceTestCase):
                             [{"path": "/", "pool": "p"}], policies=env.path("policies"),
                             watch=False)
         cls.s = env.sluice(cfg)
-        m = cls.s.wait_log(ADMIN_RE, 5)
-        cls.admin = int(m.group(1))
+        cls.admin = cls.s.admin_port()
 
     def instance(self):
         status, headers, _ = h.http_request(self.s.port, "GET", "/echo")
@@ -181,7 +179,7 @@ class EndpointChangesTest(h.SluiceTestCase):
         cls.c = env.mock("c")
         cls.bad = env.mock("bad", args=["--fail-rate", "1", "--fail-status", "503"])
         cls.s = env.sluice(cls.config([cls.a, cls.b]))
-        cls.admin = int(cls.s.wait_log(ADMIN_RE, 5).group(1))
+        cls.admin = cls.s.admin_port()
 
     @classmethod
     def config(cls, endpoints, breaker_endpoints=None):

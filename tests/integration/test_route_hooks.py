@@ -19,7 +19,6 @@ import unittest
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 import harness as h  # noqa: E402
 
-ADMIN_RE = re.compile(r"admin listening on 127\.0\.0\.1:(\d+)")
 GEN_RE = re.compile(r"reload: generation (\d+) active")
 RELOAD_FAILED_RE = re.compile(r"reload failed, generation \d+ keeps running: (.*)")
 
@@ -197,9 +196,7 @@ class HookCase(h.SluiceTestCase):
             with open(os.path.join(s.dir, name), "w") as f:
                 f.write(text)
         s.start()
-        m = s.wait_log(ADMIN_RE, 5)
-        assert m, "no admin listener in the log:\n" + s.log_text()
-        return s, s.port, int(m.group(1))
+        return s, s.port, s.admin_port()
 
     def req(self, method, path, headers=None, body=None, port=None):
         with h.RawConn(port or self.port, timeout=10) as c:

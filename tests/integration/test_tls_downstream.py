@@ -26,7 +26,6 @@ sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 import harness as h  # noqa: E402
 import websockets  # noqa: E402  (Debian python3-websockets)
 
-ADMIN_RE = re.compile(r"admin listening on 127\.0\.0\.1:(\d+)")
 BYTES_PATTERN = bytes(range(251))
 
 # ---------------------------------------------------------------------------------------
@@ -133,8 +132,7 @@ def start_tls_sluice(env, pki, cfg):
     s = env.sluice(cfg, start=False)
     pki.install(s.dir)
     s.start()
-    m = s.wait_log(ADMIN_RE, 5)
-    return s, int(m.group(1)) if m else None
+    return s, s.admin_port()
 
 
 # ---------------------------------------------------------------------------------------

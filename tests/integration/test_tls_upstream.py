@@ -27,7 +27,6 @@ sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 import harness as h  # noqa: E402
 import websockets  # noqa: E402  (Debian python3-websockets)
 
-ADMIN_RE = re.compile(r"admin listening on 127\.0\.0\.1:(\d+)")
 PAYLOAD = os.urandom(2 * 1024 * 1024)  # served by /download, uploaded by the upload tests
 TRUNC_LEN = 100000                     # what /truncate announces
 TRUNC_SENT = 1000                      # what it sends before closing
@@ -825,7 +824,7 @@ class TLSConfigTest(h.SluiceTestCase):
         with open(cls.s.config_path, "w") as f:
             f.write(cls.config_text())
         cls.s.start()
-        cls.admin = int(cls.s.wait_log(ADMIN_RE, 5).group(1))
+        cls.admin = cls.s.admin_port()
 
     @classmethod
     def tearDownClass(cls):

@@ -50,7 +50,7 @@ class WebSocketTest(h.SluiceTestCase):
                   {"path": "/kill", "pool": "kill"}, {"path": "/idle", "pool": "idle"},
                   {"path": "/ping", "pool": "ping"}, {"path": "/one", "pool": "one"}]
         cls.s = cls.env.sluice(h.make_config(pools, routes, watch=False))
-        cls.admin = int(cls.s.wait_log(re.compile(r"admin listening on 127\.0\.0\.1:(\d+)"), 5).group(1))
+        cls.admin = cls.s.admin_port()
 
     @classmethod
     def tearDownClass(cls):

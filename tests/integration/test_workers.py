@@ -40,7 +40,7 @@ class WorkersTest(h.SluiceTestCase):
         cls.cfg = h.make_config({"p": h.make_pool([cls.up1, cls.up2])}, [{"path": "/", "pool": "p"}],
                                 workers=2, watch=False)
         cls.s = env.sluice(cls.cfg)
-        cls.admin = int(cls.s.wait_log(re.compile(r"admin listening on 127\.0\.0\.1:(\d+)"), 5).group(1))
+        cls.admin = cls.s.admin_port()
 
     def test_reload_under_load_fails_nothing_and_metrics_add_up(self):
         before = metric(scrape(self.admin), "sluice_requests_total", route="/", code="2xx")
