@@ -139,13 +139,86 @@ static void build_key(sl_exchange_t *x, const char *custom, size_t custom_len) {
   sl_cache_keyb_final(&kb, &x->ckey);
 }
 
+/* The value of header `name` in a stored head ("Name: value\r\n" lines), or NULL. */
+static const char *head_value(const char *head, size_t hl, const char *name, size_t *vlen) {
+  size_t nl = strlen(name);
+  for (const char *p = head, *end = head + hl; p < end;) {
+    const char *eol = memchr(p, '\n', (size_t)(end - p));
+    if (!eol) break;
+    const char *colon = memchr(p, ':', (size_t)(eol - p));
+    if (colon && (size_t)(colon - p) == nl && sl_strieq(p, nl, name)) {
+      const char *v = colon + 1, *ve = eol;
+      while (v < ve && (*v == ' ' || *v == '\t')) v++;
+      while (ve > v && (ve[-1] == '\r' || ve[-1] == ' ' || ve[-1] == '\t')) ve--;
+      *vlen = (size_t)(ve - v);
+      return v;
+    }
+    p = eol + 1;
+  }
+  return NULL;
+}
+
+/* Whether an If-None-Match list names the stored entity tag, by weak comparison (RFC 9110
+ * 13.1.2: W/ prefixes ignored); "*" matches any stored representation. */
+static bool etag_listed(const char *l, size_t n, const char *etag, size_t en) {
+  if (en > 2 && etag[0] == 'W' && etag[1] == '/') etag += 2, en -= 2;
+  const char *p = l, *end = l + n;
+  while (p < end) {
+    while (p < end && (*p == ' ' || *p == '\t' || *p == ',')) p++;
+    if (p == end) break;
+    if (*p == '*') return true;
+    if (end - p > 2 && p[0] == 'W' && p[1] == '/') p += 2;
+    if (*p != '"') return false; /* malformed: no match, the full response goes out */
+    const char *q = memchr(p + 1, '"', (size_t)(end - p - 1));
+    if (!q) return false;
+    if ((size_t)(q + 1 - p) == en && memcmp(p, etag, en) == 0) return true;
+    p = q + 1;
+  }
+  return false;
+}
+
+/* RFC 9111 4.3.2: a conditional GET or HEAD answered from storage gets 304 when its
+ * validators match: If-None-Match, else If-Modified-Since equal to the stored Last-Modified
+ * (the exact rule nginx applies by default: no date parsing, no clock skew). */
+static bool not_modified(const sl_http_req_t *r, const char *head, size_t hl) {
+  if (r->method != HTTP_GET && r->method != HTTP_HEAD) return false;
+  size_t n = 0, vn = 0;
+  const char *inm = req_header(r, "if-none-match", &n);
+  if (inm) {
+    const char *etag = head_value(head, hl, "etag", &vn);
+    return etag && etag_listed(inm, n, etag, vn);
+  }
+  const char *ims = req_header(r, "if-modified-since", &n);
+  const char *lm = ims ? head_value(head, hl, "last-modified", &vn) : NULL;
+  return lm && vn == n && memcmp(lm, ims, n) == 0;
+}
+
+/* The stored head lines a 304 carries (RFC 9110 15.4.5), appended to h. */
+static void append_304_head(sl_buf_t *h, const char *head, size_t hl) {
+  static const char *const keep[] = {"cache-control", "content-location", "date", "etag",
+                                     "expires",       "last-modified",    "vary"};
+  for (const char *p = head, *end = head + hl; p < end;) {
+    const char *eol = memchr(p, '\n', (size_t)(end - p));
+    if (!eol) break;
+    const char *colon = memchr(p, ':', (size_t)(eol - p));
+    for (size_t i = 0; colon && i < SL_ARRAY_SIZE(keep); i++)
+      if (sl_strieq(p, (size_t)(colon - p), keep[i])) sl_buf_append(h, p, (size_t)(eol + 1 - p));
+    p = eol + 1;
+  }
+}
+
 /* Writes a stored response to the client: the original head and body, the framing the
- * original had (chunks replayed as chunks, so an event stream replays as a stream). */
+ * original had (chunks replayed as chunks, so an event stream replays as a stream); or a 304
+ * when the request's validators match it. */
 static void replay(sl_exchange_t *x, sl_cache_entry_t *e, uint8_t result) {
   sl_conn_t *c = x->conn;
   const sl_http_req_t *r = &c->req;
   uint64_t now = sl_worker_now(W(x));
   int status = sl_cache_entry_status(e);
+  size_t hl = 0;
+  const char *head = sl_cache_entry_head(e, &hl);
+  bool nm = status == 200 && not_modified(r, head, hl);
+  if (nm) status = 304;
   bool chunked = (sl_cache_entry_flags(e) & FLAG_CHUNKED) && r->http_minor >= 1;
   bool no_body = status == 204 || status == 304;
   size_t body_len = sl_cache_entry_body_len(e), nchunks = sl_cache_entry_nchunks(e);
@@ -158,9 +231,8 @@ static void replay(sl_exchange_t *x, sl_cache_entry_t *e, uint8_t result) {
   const char *reason = sl_http_status_reason(status);
   sl_buf_append(&h, " ", 1);
   sl_buf_append2(&h, reason, strlen(reason), "\r\n");
-  size_t hl = 0;
-  const char *head = sl_cache_entry_head(e, &hl);
-  sl_buf_append(&h, head, hl);
+  if (nm) append_304_head(&h, head, hl);
+  else sl_buf_append(&h, head, hl);
   if (!no_body) {
     if (chunked) {
       sl_buf_appends(&h, "Transfer-Encoding: chunked\r\n");

@@ -161,6 +161,9 @@ class CacheBehaviourTest(CacheCase):
             "/up/vary/other": "Vary: Accept-Language\r\n",
             "/up/vary/star": "Vary: *\r\n",
             "/up/age": "Age: 100\r\n",
+            "/up/etag": ('ETag: "v1"\r\nLast-Modified: Tue, 24 Nov 2026 10:00:00 GMT\r\n'
+                         "Cache-Control: max-age=600\r\nX-Other: kept-on-200\r\n"),
+            "/up/weak": 'ETag: W/"w7"\r\n',
         }
 
         def handler(up, conn, n, req):
@@ -465,6 +468,58 @@ class CacheBehaviourTest(CacheCase):
         self.assertMiss(r1)
         self.assertEqual(r2.header("x-cache"), "MISS", "max-age=0 served from the cache: %r" % r2.headers)
         self.assertEqual(self.count(self.m), n0 + 2)
+
+    # --- conditional requests answered from storage (RFC 9111 4.3.2) --------------------------
+
+    def test_if_none_match_answered_304_from_the_cache(self):
+        path = "/up/etag"
+        stored = self.get(path)
+        self.assertEqual(stored.status, 200)
+        n = self.up_count(path)
+        for inm in ('"v1"', 'W/"v1"', '"other", "v1"', "*", '"a,b", W/"v1"'):
+            with self.subTest(inm=inm):
+                r = self.get(path, [("If-None-Match", inm)])
+                self.assertEqual(r.status, 304, r)
+                self.assertXCache(r, "HIT")
+                self.assertEqual(r.body, b"")
+                self.assertEqual(r.header("etag"), '"v1"')
+                self.assertEqual(r.header("cache-control"), "max-age=600")
+                self.assertIsNone(r.header("x-other"), "a 304 carries only validators and cache headers")
+                self.assertIsNone(r.header("content-length"))
+        r = self.req("HEAD", path, [("If-None-Match", '"v1"')])
+        self.assertEqual(r.status, 304, r)
+        for inm in ('"v2"', '"V1"', "v1", 'W/"v2", "x"'):
+            with self.subTest(inm=inm):
+                r = self.get(path, [("If-None-Match", inm)])
+                self.assertEqual(r.status, 200, r)
+                self.assertHit(r)
+                self.assertEqual(r.body, stored.body)
+        self.assertEqual(self.up_count(path), n, "conditional hits went upstream")
+        # keep-alive goes on after a 304
+        with h.RawConn(self.port, timeout=5) as c:
+            self.assertEqual(c.request("GET", path, [("If-None-Match", '"v1"')]).status, 304)
+            self.assertEqual(c.request("GET", path).body, stored.body)
+
+    def test_weak_stored_etag_matches_weakly(self):
+        self.get("/up/weak")
+        self.assertEqual(self.get("/up/weak", [("If-None-Match", '"w7"')]).status, 304)
+        self.assertEqual(self.get("/up/weak", [("If-None-Match", 'W/"w7"')]).status, 304)
+
+    def test_if_modified_since_exact_match(self):
+        path = "/up/etag"
+        self.get(path)
+        lm = "Tue, 24 Nov 2026 10:00:00 GMT"
+        self.assertEqual(self.get(path, [("If-Modified-Since", lm)]).status, 304)
+        self.assertEqual(self.get(path, [("If-Modified-Since", "Tue, 24 Nov 2026 11:00:00 GMT")]).status, 200)
+        # If-None-Match takes precedence (RFC 9110 13.1.3)
+        r = self.get(path, [("If-None-Match", '"nope"'), ("If-Modified-Since", lm)])
+        self.assertEqual(r.status, 200)
+
+    def test_conditional_without_validator_gets_the_full_response(self):
+        self.get("/up/novalidator")
+        r = self.get("/up/novalidator", [("If-None-Match", '"v1"'), ("If-Modified-Since", "Tue, 24 Nov 2026 10:00:00 GMT")])
+        self.assertEqual(r.status, 200)
+        self.assertHit(r)
 
     # --- what goes into the key -------------------------------------------------------------------
 
