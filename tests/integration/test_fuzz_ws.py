@@ -51,6 +51,8 @@ import unittest
 
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 import harness as h  # noqa: E402
+from wsraw import (BINARY, CLOSE, CONT, GUID, PING, PONG, TEXT, RawServer, close_payload,  # noqa: E402
+                   encode, parse_frame)
 
 SEED = int(os.environ.get("SLUICE_FUZZ_SEED", "9157"))
 N_CASES = int(os.environ.get("SLUICE_FUZZ_CASES", "1500"))
@@ -62,8 +64,6 @@ SMALL_MAX = 4096      # max_message_bytes of the /small pool
 BIG_MAX = 1 << 20     # the default limit, on /ws
 IDLE_MS = 800         # the /idle pool's session idle timeout
 
-GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-CONT, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 DATA_OPS = (TEXT, BINARY)
 
 
@@ -73,85 +73,6 @@ def valid_close_code(code):
 
 # ---------------------------------------------------------------------------------------
 # Frames
-
-
-def mask(data, key):
-    n = len(data)
-    if not n:
-        return b""
-    k = (key * (n // 4 + 1))[:n]
-    return (int.from_bytes(data, "big") ^ int.from_bytes(k, "big")).to_bytes(n, "big")
-
-
-def encode(op, payload=b"", fin=True, key=None, rsv=0, length=None, form=None):
-    """A frame. key: 4-byte masking key or None (unmasked). length: the length written in
-    the header when it is not len(payload) (a lie); form: 7, 16 or 64 to force a length
-    encoding (non-minimal ones included)."""
-    n = len(payload) if length is None else length
-    b0 = (0x80 if fin else 0) | (rsv << 4) | op
-    m = 0x80 if key is not None else 0
-    if form is None:
-        form = 7 if n < 126 else 16 if n <= 0xFFFF else 64
-    if form == 7:
-        head = struct.pack("!BB", b0, m | n)
-    elif form == 16:
-        head = struct.pack("!BBH", b0, m | 126, n)
-    else:
-        head = struct.pack("!BBQ", b0, m | 127, n)
-    if key is None:
-        return head + payload
-    return head + key + mask(payload, key)
-
-
-def close_payload(code, reason=b""):
-    return struct.pack("!H", code) + reason
-
-
-class Frame:
-    def __init__(self, fin, rsv, op, key, payload, raw):
-        self.fin, self.rsv, self.op, self.key, self.payload, self.raw = fin, rsv, op, key, payload, raw
-
-    @property
-    def code(self):
-        return struct.unpack("!H", self.payload[:2])[0] if len(self.payload) >= 2 else None
-
-    def sig(self):
-        return (self.op, self.fin, self.payload)
-
-    def __repr__(self):
-        p = self.payload if len(self.payload) <= 40 else self.payload[:40] + b"...(%d)" % len(self.payload)
-        return "<op=%d fin=%d rsv=%d masked=%d %r>" % (self.op, self.fin, self.rsv, self.key is not None, p)
-
-
-def parse_frame(buf):
-    """(Frame, bytes used) from the start of buf, or None when incomplete."""
-    if len(buf) < 2:
-        return None
-    n = buf[1] & 0x7F
-    i = 2
-    if n == 126:
-        if len(buf) < 4:
-            return None
-        n = struct.unpack("!H", bytes(buf[2:4]))[0]
-        i = 4
-    elif n == 127:
-        if len(buf) < 10:
-            return None
-        n = struct.unpack("!Q", bytes(buf[2:10]))[0]
-        i = 10
-    key = None
-    if buf[1] & 0x80:
-        if len(buf) < i + 4:
-            return None
-        key = bytes(buf[i:i + 4])
-        i += 4
-    if len(buf) < i + n:
-        return None
-    raw = bytes(buf[:i + n])
-    payload = raw[i:]
-    if key is not None:
-        payload = mask(payload, key)
-    return Frame(bool(raw[0] & 0x80), (raw[0] >> 4) & 7, raw[0] & 0xF, key, payload, raw), i + n
 
 
 def frame_problem(f, in_msg, masked):
@@ -193,7 +114,7 @@ class UpRecord:
                               # the gateway may drop the connection from here on
 
 
-class EchoUpstream:
+class EchoUpstream(RawServer):
     """Raw-socket WebSocket echo server. Frame-level echo: every data frame goes back as a
     frame with the same opcode, FIN and payload; a ping gets its pong; a close is answered
     with the same code and reason (1007 when the reason is not UTF-8), then the write side is
@@ -202,30 +123,8 @@ class EchoUpstream:
     protocol violation); "cmd:abort:rst|fin" drops the connection without a close."""
 
     def __init__(self):
-        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind(("127.0.0.1", 0))
-        self.lsock.listen(128)
-        self.port = self.lsock.getsockname()[1]
-        self.cv = threading.Condition()
         self.records = {}
-        self.socks = []
-        self.closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def url(self):
-        return "ws://127.0.0.1:%d" % self.port
-
-    def _accept(self):
-        while not self.closed:
-            try:
-                conn, _ = self.lsock.accept()
-            except OSError:
-                return
-            with self.cv:
-                self.socks.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        super().__init__()
 
     def record(self, path, timeout=TIMEOUT):
         with self.cv:
@@ -233,7 +132,7 @@ class EchoUpstream:
                 return None
             return self.records[path]
 
-    def _serve(self, conn):
+    def serve(self, conn):
         rec = None
         try:
             conn.settimeout(60)
@@ -340,19 +239,6 @@ class EchoUpstream:
                 rec.eof = True
                 return
             buf += data
-
-    def close(self):
-        self.closed = True
-        try:
-            self.lsock.close()
-        except OSError:
-            pass
-        with self.cv:
-            for s in self.socks:
-                try:
-                    s.close()
-                except OSError:
-                    pass
 
 
 # ---------------------------------------------------------------------------------------

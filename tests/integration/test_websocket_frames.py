@@ -14,67 +14,16 @@ import select
 import socket
 import struct
 import sys
-import threading
 import time
 import unittest
 
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 import harness as h  # noqa: E402
+from wsraw import (BINARY, CLOSE, CONT, GUID, PING, PONG, TEXT, RawServer, close_payload,  # noqa: E402
+                   encode, mask, parse_frame)
 
-GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-CONT, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 KA = b"sluice-ka"  # payload of the gateway's keepalive pings
 TIMEOUT = 5.0
-
-
-def mask(data, key):
-    """XORs data with the 4-byte key (masking and unmasking are the same)."""
-    n = len(data)
-    if not n:
-        return b""
-    k = (key * (n // 4 + 1))[:n]
-    return (int.from_bytes(data, "big") ^ int.from_bytes(k, "big")).to_bytes(n, "big")
-
-
-def encode(op, payload=b"", fin=True, key=None, rsv=0):
-    """One frame's bytes; key: a 4-byte masking key, or None for an unmasked frame."""
-    b0 = (0x80 if fin else 0) | (rsv << 4) | op
-    m = 0x80 if key is not None else 0
-    n = len(payload)
-    if n < 126:
-        head = struct.pack("!BB", b0, m | n)
-    elif n <= 0xFFFF:
-        head = struct.pack("!BBH", b0, m | 126, n)
-    else:
-        head = struct.pack("!BBQ", b0, m | 127, n)
-    if key is None:
-        return head + payload
-    return head + key + mask(payload, key)
-
-
-def close_payload(code, reason=b""):
-    return struct.pack("!H", code) + reason
-
-
-class Frame:
-    def __init__(self, fin, rsv, op, key, payload, raw):
-        self.fin, self.rsv, self.op, self.key = fin, rsv, op, key
-        self.masked = key is not None
-        self.payload = payload  # unmasked
-        self.raw = raw          # the bytes as they arrived
-
-    @property
-    def code(self):
-        return struct.unpack("!H", self.payload[:2])[0] if len(self.payload) >= 2 else None
-
-    @property
-    def reason(self):
-        return self.payload[2:].decode("utf-8", "replace")
-
-    def __repr__(self):
-        p = self.payload if len(self.payload) <= 40 else self.payload[:40] + b"..."
-        return "<Frame op=%d fin=%d rsv=%d masked=%d len=%d %r>" % (
-            self.op, self.fin, self.rsv, self.masked, len(self.payload), p)
 
 
 class Peer:
@@ -140,35 +89,11 @@ class Peer:
             self._fill(deadline)
 
     def _parse(self):
-        b = self.buf
-        if len(b) < 2:
+        got = parse_frame(self.buf)
+        if not got:
             return None
-        n = b[1] & 0x7F
-        i = 2
-        if n == 126:
-            if len(b) < 4:
-                return None
-            n = struct.unpack("!H", b[2:4])[0]
-            i = 4
-        elif n == 127:
-            if len(b) < 10:
-                return None
-            n = struct.unpack("!Q", b[2:10])[0]
-            i = 10
-        key = None
-        if b[1] & 0x80:
-            if len(b) < i + 4:
-                return None
-            key = bytes(b[i:i + 4])
-            i += 4
-        if len(b) < i + n:
-            return None
-        raw = bytes(b[:i + n])
-        payload = raw[i:]
-        if key is not None:
-            payload = mask(payload, key)
-        del self.buf[:i + n]
-        return Frame(bool(raw[0] & 0x80), (raw[0] >> 4) & 7, raw[0] & 0xF, key, payload, raw)
+        del self.buf[:got[1]]
+        return got[0]
 
     def read_eof(self, timeout=TIMEOUT):
         """Waits for the peer to close the TCP connection; returns the bytes that came
@@ -197,40 +122,18 @@ class Peer:
             self.raw += data
 
 
-class RawUpstream:
+class RawUpstream(RawServer):
     """A WebSocket upstream on a raw socket. Each connection does the opening handshake (any
     bytes in .early[path] are written right after the 101, in the same send) and is then
     handed to the test as a Peer, looked up by request path."""
 
     def __init__(self):
-        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind(("127.0.0.1", 0))
-        self.lsock.listen(64)
-        self.port = self.lsock.getsockname()[1]
-        self.cv = threading.Condition()
         self.peers = {}
         self.heads = {}
         self.early = {}
-        self.socks = []
-        self.closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(backlog=64)
 
-    @property
-    def url(self):
-        return "ws://127.0.0.1:%d" % self.port
-
-    def _accept(self):
-        while not self.closed:
-            try:
-                conn, _ = self.lsock.accept()
-            except OSError:
-                return
-            with self.cv:
-                self.socks.append(conn)
-            threading.Thread(target=self._handshake, args=(conn,), daemon=True).start()
-
-    def _handshake(self, conn):
+    def serve(self, conn):
         try:
             conn.settimeout(TIMEOUT)
             buf = b""
@@ -261,20 +164,6 @@ class RawUpstream:
             if not self.cv.wait_for(lambda: path in self.peers, timeout):
                 raise AssertionError("the upstream got no WebSocket connection for %s" % path)
             return self.peers.pop(path)
-
-    def close(self):
-        self.closed = True
-        try:
-            self.lsock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.lsock.close()
-        with self.cv:
-            for s in self.socks:
-                try:
-                    s.close()
-                except OSError:
-                    pass
 
 
 class WebSocketFramesTest(h.SluiceTestCase):
