@@ -614,7 +614,60 @@ class WsEchoUpstream:
     close = stop  # Env.close() closes env.upstreams
 
 
-class ScriptedUpstream:
+class ThreadedServer:
+    """A loopback listener whose connections are each served by serve(conn) on a thread of
+    their own; close() ends the listener and every connection. `connections` counts the
+    accepted ones; `lock` guards the counters subclasses keep."""
+
+    scheme = "http"
+
+    def __init__(self, backlog=64):
+        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(backlog)
+        self.port = self.lsock.getsockname()[1]
+        self.cv = threading.Condition()
+        self.lock = self.cv
+        self.socks = []
+        self.connections = 0
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self):
+        return "%s://127.0.0.1:%d" % (self.scheme, self.port)
+
+    def serve(self, conn):
+        raise NotImplementedError
+
+    def _accept(self):
+        while not self.closed:
+            try:
+                conn, _ = self.lsock.accept()
+            except OSError:
+                return
+            with self.cv:
+                self.connections += 1
+                self.socks.append(conn)
+            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+    def close(self):
+        self.closed = True
+        try:
+            self.lsock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.lsock.close()
+        with self.cv:
+            for c in self.socks:
+                try:
+                    c.close()
+                except OSError:
+                    pass
+
+
+class ScriptedUpstream(ThreadedServer):
     """A tiny upstream written in Python for behaviour sluice-mock cannot produce (garbage
     responses, closing a kept-alive connection at a chosen moment, odd headers).
 
@@ -626,35 +679,10 @@ class ScriptedUpstream:
     def __init__(self, env, handler):
         self.env = env
         self.handler = handler
-        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind(("127.0.0.1", 0))
-        self.lsock.listen(64)
-        self.port = self.lsock.getsockname()[1]
-        self.connections = 0
         self.requests = 0
-        self.lock = threading.Lock()
-        self.closed = False
-        self.conns = []
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
+        super().__init__()
 
-    @property
-    def url(self):
-        return "http://127.0.0.1:%d" % self.port
-
-    def _accept(self):
-        while not self.closed:
-            try:
-                conn, _ = self.lsock.accept()
-            except OSError:
-                return
-            with self.lock:
-                self.connections += 1
-                self.conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn):
+    def serve(self, conn):
         buf = b""
         n = 0
         try:
@@ -687,19 +715,6 @@ class ScriptedUpstream:
                 conn.close()
             except OSError:
                 pass
-
-    def close(self):
-        self.closed = True
-        try:
-            self.lsock.close()
-        except OSError:
-            pass
-        with self.lock:
-            for c in self.conns:
-                try:
-                    c.close()
-                except OSError:
-                    pass
 
 
 # ---------------------------------------------------------------------------------------

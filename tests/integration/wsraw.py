@@ -1,9 +1,9 @@
 """WebSocket frames on raw sockets, for tests that look at the exact bytes sluice relays: the
-frame codec (RFC 6455 5.2) and a threaded raw TCP server that upstream fakes build on."""
+frame codec (RFC 6455 5.2) and the raw TCP server that upstream fakes build on."""
 
-import socket
 import struct
-import threading
+
+import harness as h
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 CONT, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -99,48 +99,7 @@ def parse_frame(buf):
     return Frame(bool(raw[0] & 0x80), (raw[0] >> 4) & 7, raw[0] & 0xF, key, payload, raw), i + n
 
 
-class RawServer:
-    """A loopback listener whose connections are each served by serve(conn) on a thread of
-    their own; close() ends the listener and every connection."""
+class RawServer(h.ThreadedServer):
+    """A raw TCP server for WebSocket upstream fakes (ws:// URLs)."""
 
-    def __init__(self, backlog=128):
-        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind(("127.0.0.1", 0))
-        self.lsock.listen(backlog)
-        self.port = self.lsock.getsockname()[1]
-        self.cv = threading.Condition()
-        self.socks = []
-        self.closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def url(self):
-        return "ws://127.0.0.1:%d" % self.port
-
-    def serve(self, conn):
-        raise NotImplementedError
-
-    def _accept(self):
-        while not self.closed:
-            try:
-                conn, _ = self.lsock.accept()
-            except OSError:
-                return
-            with self.cv:
-                self.socks.append(conn)
-            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
-
-    def close(self):
-        self.closed = True
-        try:
-            self.lsock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.lsock.close()
-        with self.cv:
-            for s in self.socks:
-                try:
-                    s.close()
-                except OSError:
-                    pass
+    scheme = "ws"
