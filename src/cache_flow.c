@@ -482,7 +482,7 @@ static sl_exchange_t *pop_waiter(sl_list_t *l) {
   sl_exchange_t *w = SL_CONTAINER_OF(l->next, sl_exchange_t, cwait);
   sl_list_remove(&w->cwait);
   w->cfill = NULL;
-  uv_timer_stop(&w->timer);
+  uv_timer_stop(w->timer);
   w->phase = SL_X_IDLE;
   return w;
 }

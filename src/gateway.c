@@ -82,6 +82,7 @@ sl_worker_t *sl_worker_create(uv_loop_t *loop, char *err, size_t errlen) {
   uv_timer_init(loop, &w->drain_timer);
   w->drain_timer.data = w;
   sl_admission_init(w);
+  sl_server_worker_init(w);
   return w;
 }
 
@@ -368,6 +369,7 @@ static void finish_stop(sl_worker_t *w) {
   for (sl_list_t *l = w->endpoints.next; l != &w->endpoints; l = l->next)
     sl_endpoint_close_idle(SL_CONTAINER_OF(l, sl_endpoint_t, link));
   sl_admission_close(w);
+  sl_server_worker_close(w);
   sl_access_log_close(w->alog);
   w->alog = NULL;
   sl_close_handle((uv_handle_t *)&w->drain_timer, on_drain_timer_closed);
@@ -428,6 +430,7 @@ void sluice_free(sluice_t *s) {
       sl_access_log_close(s->worker->alog);
       s->worker->alog = NULL;
       sl_admission_close(s->worker);
+      sl_server_worker_close(s->worker);
       sl_close_handle((uv_handle_t *)&s->worker->drain_timer, NULL);
     }
     sl_worker_destroy(s->worker);
@@ -466,6 +469,7 @@ int sluice_check_file(const char *path, char *err, size_t errlen) {
       rc = SLUICE_ECONFIG;
     }
     sl_admission_close(w);
+    sl_server_worker_close(w);
     sl_close_handle((uv_handle_t *)&w->drain_timer, NULL);
     sl_worker_destroy(w);
   }

@@ -26,8 +26,8 @@ void sl_proxy_init(sl_exchange_t *x, sl_conn_t *c) {
   x->conn = c;
   sl_list_init(&x->qlink);
   sl_list_init(&x->cwait);
-  uv_timer_init(c->w->loop, &x->timer);
-  x->timer.data = x;
+  x->timer = &c->xtimer;
+  c->xtimer.data = x;
 }
 
 void sl_proxy_free(sl_exchange_t *x) {
@@ -92,7 +92,7 @@ static void mark_retrying(sl_exchange_t *x) {
 static void end_exchange(sl_exchange_t *x) {
   sl_cache_flow_end(x);
   if (x->edits.n || x->edits.path) sl_hedits_clear(&x->edits);
-  uv_timer_stop(&x->timer);
+  uv_timer_stop(x->timer);
   set_pool(x, NULL);
   x->retrying = false;
   if (x->gen) sl_gen_unref(x->gen);
@@ -216,7 +216,7 @@ static void attempt_failed(sl_exchange_t *x, const sl_outcome_t *o, int64_t deci
     SL_INFO("request %s: attempt %u on %s failed (%s); retrying in %lld ms", x->request_id,
             x->attempts, url, msg, (long long)delay);
     x->phase = SL_X_BACKOFF;
-    uv_timer_start(&x->timer, on_timer, (uint64_t)delay, 0);
+    uv_timer_start(x->timer, on_timer, (uint64_t)delay, 0);
     return;
   }
   if (x->attempts > 1)
@@ -239,10 +239,10 @@ static void arm_deadline(sl_exchange_t *x) {
   }
   if (pc->total_timeout_ms) due = SL_MIN(due, x->start_ms + pc->total_timeout_ms);
   if (due == UINT64_MAX) {
-    uv_timer_stop(&x->timer);
+    uv_timer_stop(x->timer);
     return;
   }
-  uv_timer_start(&x->timer, on_timer, due > now ? due - now : 0, 0);
+  uv_timer_start(x->timer, on_timer, due > now ? due - now : 0, 0);
 }
 
 static void on_upstream_deadline(sl_exchange_t *x) {
@@ -440,7 +440,7 @@ static void ws_handshake_done(sl_exchange_t *x, const char *data, ssize_t n) {
   accept[28] = 0;
   const char *pos = llhttp_get_error_pos(&x->rp);
   size_t early = pos ? (size_t)(data + n - pos) : 0;
-  uv_timer_stop(&x->timer); /* no first-byte or total deadline for a session */
+  uv_timer_stop(x->timer); /* no first-byte or total deadline for a session */
   x->head_sent = true;      /* from here on, failures close the session instead */
   sl_conn_t *c = x->conn;
   c->state = SL_CONN_WS;
@@ -902,7 +902,7 @@ static void enqueue(sl_exchange_t *x) {
   }
   x->phase = SL_X_QUEUED;
   if (x->queue_wait_ms < 0) x->queued_ms = sl_worker_now(W(x));
-  uv_timer_start(&x->timer, on_timer, pc->queue_timeout_ms, 0);
+  uv_timer_start(x->timer, on_timer, pc->queue_timeout_ms, 0);
 }
 
 /* Finds an endpoint for the next attempt, or queues. A request never overtakes the pool's
@@ -930,7 +930,7 @@ bool sl_proxy_offer_slot(sl_exchange_t *x) {
   sl_pick_result_t r = pick(x, &ep, &idx, err, sizeof(err));
   if (r == SL_PICK_BUSY) return false;
   sl_admission_dequeue(x->pool, x);
-  uv_timer_stop(&x->timer);
+  uv_timer_stop(x->timer);
   x->phase = SL_X_IDLE;
   observe_queue_wait(x);
   act(x, r, ep, idx, err);
@@ -992,7 +992,7 @@ static bool run_on_request(sl_exchange_t *x) {
 }
 
 void sl_proxy_start(sl_conn_t *c) {
-  sl_exchange_t *x = &c->x;
+  sl_exchange_t *x = sl_conn_exchange(c);
   sl_worker_t *w = c->w;
   const sl_http_req_t *r = &c->req;
   x->active = true;
@@ -1049,7 +1049,7 @@ void sl_proxy_start(sl_conn_t *c) {
     case SL_FLOW_DONE:
       return;
     case SL_FLOW_WAIT:
-      uv_timer_start(&x->timer, on_timer, route->cache->coalesce_wait_ms, 0);
+      uv_timer_start(x->timer, on_timer, route->cache->coalesce_wait_ms, 0);
       return;
     case SL_FLOW_ERROR:
       policy_failed(x, sl_route_m(x->gen, route)->policy_cache, "cache policy", err);

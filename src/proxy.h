@@ -32,7 +32,7 @@ typedef struct sl_exchange {
   sl_endpoint_t *ep;      /* endpoint of the current attempt */
   uint32_t ep_idx;        /* its index in pool->eps */
   struct sl_upconn *up;
-  uv_timer_t timer;       /* queue wait, backoff, or first-byte/total deadline */
+  uv_timer_t *timer;      /* queue wait, backoff, or first-byte/total deadline (the conn's) */
   sl_list_t qlink;        /* in pool->queue while queued */
   llhttp_t rp;            /* upstream response parser */
   sl_buf_t upreq;         /* serialized upstream request, kept for re-sends */
@@ -111,8 +111,7 @@ void sl_proxy_go_upstream(sl_exchange_t *x);
 void sl_proxy_finish_local(sl_exchange_t *x, int status, bool keep_alive);
 /* A header of the upstream response being parsed; NULL when absent. */
 const char *sl_proxy_response_header(const sl_exchange_t *x, const char *name, size_t *len);
-/* Releases buffers (the exchange stays usable); the timer handle is closed by the
- * connection. */
+/* Releases buffers (the exchange stays usable); its timer belongs to the connection. */
 void sl_proxy_free(sl_exchange_t *x);
 
 #endif

@@ -25,12 +25,21 @@ static int tls_flush(sl_conn_t *c, sl_write_cb cb);
 
 static const sl_config_t *cur_cfg(const sl_conn_t *c) { return c->w->gen->cfg; }
 
+static void exchange_free(sl_conn_t *c) {
+  if (!c->x) return;
+  if (!uv_is_closing((uv_handle_t *)&c->xtimer)) uv_timer_stop(&c->xtimer);
+  sl_proxy_free(c->x);
+  free(c->x);
+  c->x = NULL;
+  c->xtimer.data = NULL;
+}
+
 static void conn_handle_closed(sl_conn_t *c) {
   if (--c->pending_close > 0) return;
   sl_tls_free(c->tls);
   sl_http_req_free(&c->req);
   sl_buf_free(&c->in);
-  sl_proxy_free(&c->x);
+  exchange_free(c);
   sl_worker_t *w = c->w;
   free(c);
   sl_worker_conn_gone(w);
@@ -38,26 +47,60 @@ static void conn_handle_closed(sl_conn_t *c) {
 
 static void on_conn_handle_closed(uv_handle_t *h) { conn_handle_closed(h->data); }
 static void on_exchange_timer_closed(uv_handle_t *h) {
-  conn_handle_closed(((sl_exchange_t *)h->data)->conn);
+  conn_handle_closed(SL_CONTAINER_OF(h, sl_conn_t, xtimer));
+}
+
+sl_exchange_t *sl_conn_exchange(sl_conn_t *c) {
+  sl_list_remove(&c->idle_link); /* if it was about to be freed: keep it */
+  if (!c->x) {
+    c->x = sl_malloc(sizeof(*c->x));
+    sl_proxy_init(c->x, c);
+  }
+  return c->x;
+}
+
+/* After the loop turn's I/O callbacks, no exchange code is on the stack: the exchanges of
+ * connections that went idle meanwhile can be freed. */
+static void on_idle_sweep(uv_check_t *h) {
+  sl_worker_t *w = h->data;
+  while (!sl_list_empty(&w->idle_sweep_conns)) {
+    sl_conn_t *c = SL_CONTAINER_OF(w->idle_sweep_conns.next, sl_conn_t, idle_link);
+    sl_list_remove(&c->idle_link);
+    if (c->x && !c->x->active && c->state == SL_CONN_IDLE) exchange_free(c);
+  }
+  uv_check_stop(h);
+}
+
+void sl_server_worker_init(sl_worker_t *w) {
+  sl_list_init(&w->idle_sweep_conns);
+  uv_check_init(w->loop, &w->idle_sweep);
+  w->idle_sweep.data = w;
+  uv_unref((uv_handle_t *)&w->idle_sweep);
+}
+
+void sl_server_worker_close(sl_worker_t *w) {
+  sl_close_handle((uv_handle_t *)&w->idle_sweep, NULL);
 }
 
 void sl_conn_close(sl_conn_t *c) {
   if (c->closing) return;
   /* Between requests a TLS connection ends with close_notify (RFC 8446 6.1), best effort:
    * mid-response it must not, or a truncated response would look complete. */
-  if (c->tls && c->tls->handshake_done && !c->x.active &&
+  bool active = c->x && c->x->active;
+  if (c->tls && c->tls->handshake_done && !active &&
       (c->state == SL_CONN_IDLE || c->state == SL_CONN_READING || c->state == SL_CONN_LINGER)) {
     sl_tls_shutdown(c->tls);
     tls_flush(c, NULL);
   }
   c->closing = true;
-  if (c->x.active) sl_proxy_abort(&c->x);
+  if (active) sl_proxy_abort(c->x);
   sl_list_remove(&c->link);
+  sl_list_remove(&c->idle_link);
   c->w->nconns--;
   c->pending_close = 3;
   uv_close((uv_handle_t *)&c->tcp, on_conn_handle_closed);
   uv_close((uv_handle_t *)&c->timer, on_conn_handle_closed);
-  uv_close((uv_handle_t *)&c->x.timer, on_exchange_timer_closed);
+  uv_close((uv_handle_t *)&c->xtimer, on_exchange_timer_closed);
 }
 
 size_t sl_conn_queued_bytes(const sl_conn_t *c) {
@@ -76,11 +119,13 @@ static void on_write_done(uv_stream_t *s, int status) {
     conn_finish(c);
     return;
   }
-  if (c->x.active && c->x.ws) {
-    sl_ws_client_drained(c->x.ws);
+  sl_exchange_t *x = c->x;
+  if (!x || !x->active) return;
+  if (x->ws) {
+    sl_ws_client_drained(x->ws);
     return;
   }
-  if (c->x.active && c->x.up_paused && queued <= SL_CLIENT_LWM) sl_proxy_client_drained(&c->x);
+  if (x->up_paused && queued <= SL_CLIENT_LWM) sl_proxy_client_drained(x);
 }
 
 static int tls_flush(sl_conn_t *c, sl_write_cb cb) {
@@ -198,7 +243,7 @@ static void tls_input(sl_conn_t *c, const char *data, size_t n) {
     if (tls_flush(c, NULL) < 0) r = SL_TLS_ERROR;
     if (r == 0) return;
     if (r < 0) { /* close_notify or a broken record: the client is gone */
-      if (c->state == SL_CONN_WS) sl_ws_client_read(c->x.ws, NULL, UV_EOF);
+      if (c->state == SL_CONN_WS) sl_ws_client_read(c->x->ws, NULL, UV_EOF);
       else sl_conn_close(c);
       return;
     }
@@ -216,7 +261,7 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
   }
   if (n < 0) {
     if (c->state == SL_CONN_WS) {
-      sl_ws_client_read(c->x.ws, NULL, n); /* the session closes the upstream leg properly */
+      sl_ws_client_read(c->x->ws, NULL, n); /* the session closes the upstream leg properly */
       return;
     }
     /* EOF or error. A client that goes away while its request is served aborts it. */
@@ -229,7 +274,7 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
 
 static void conn_input(sl_conn_t *c, const char *data, size_t n) {
   if (c->state == SL_CONN_WS) {
-    sl_ws_client_read(c->x.ws, data, (ssize_t)n);
+    sl_ws_client_read(c->x->ws, data, (ssize_t)n);
     return;
   }
   sl_buf_append(&c->in, data, n);
@@ -313,7 +358,7 @@ static void conn_process(sl_conn_t *c) {
 
 void sl_conn_response_done(sl_conn_t *c, bool keep_alive) {
   if (c->closing) return;
-  c->x.request_id[0] = 0;
+  if (c->x) c->x->request_id[0] = 0;
   sl_http_req_reset(&c->req);
   sl_h1_next(&c->h1);
   if (!keep_alive || c->w->draining) {
@@ -326,10 +371,17 @@ void sl_conn_response_done(sl_conn_t *c, bool keep_alive) {
   arm(c, cur_cfg(c)->idle_timeout_ms);
   start_reading(c);
   if (c->in.len == 0) {
-    /* Idle keep-alive connections are the many; keep them small (no per-request buffers). */
+    /* Idle keep-alive connections are the many; keep them small: no per-request buffers now,
+     * and no exchange once the callers up the stack are done with it (on_idle_sweep). */
     sl_http_req_free(&c->req);
     sl_buf_free(&c->in);
-    sl_proxy_free(&c->x);
+    if (c->x) {
+      sl_proxy_free(c->x);
+      if (sl_list_empty(&c->idle_link)) {
+        sl_list_insert_tail(&c->w->idle_sweep_conns, &c->idle_link);
+        uv_check_start(&c->w->idle_sweep, on_idle_sweep);
+      }
+    }
   } else if (!c->in_process) {
     conn_process(c);
   }
@@ -349,7 +401,7 @@ static bool valid_request_id(const char *s, size_t n) {
 }
 
 const char *sl_conn_request_id(sl_conn_t *c) {
-  char *id = c->x.request_id;
+  char *id = sl_conn_exchange(c)->request_id;
   if (id[0]) return id;
   const sl_http_req_t *r = &c->req;
   if (r->request_id_idx >= 0) {
@@ -444,7 +496,8 @@ static void on_connection(uv_stream_t *server, int status) {
   sl_list_insert_tail(&w->conns, &c->link);
   w->nconns++;
   c->serial = ++w->next_conn_serial;
-  sl_proxy_init(&c->x, c);
+  uv_timer_init(w->loop, &c->xtimer);
+  sl_list_init(&c->idle_link);
   if (uv_accept(server, (uv_stream_t *)&c->tcp) != 0) {
     sl_conn_close(c);
     return;
@@ -602,8 +655,8 @@ void sl_server_drain(sl_worker_t *w) {
     l = l->next;
     if (c->state == SL_CONN_IDLE && c->in.len == 0)
       sl_conn_close(c);
-    else if (c->state == SL_CONN_WS && c->x.ws)
-      sl_ws_shutdown(c->x.ws); /* sessions last minutes: close them now, properly */
+    else if (c->state == SL_CONN_WS && c->x && c->x->ws)
+      sl_ws_shutdown(c->x->ws); /* sessions last minutes: close them now, properly */
   }
 }
 

@@ -34,7 +34,12 @@ typedef struct sl_conn {
   sl_h1_limits_t limits;
   sl_http_req_t req;
   sl_buf_t in; /* received, not yet parsed */
-  sl_exchange_t x;
+  /* The exchange of the current request; allocated for a request and given back once the
+   * connection has gone idle (sl_conn_exchange), so idle keep-alive connections stay small.
+   * Its timer lives here: the exchange can then be plain memory. */
+  sl_exchange_t *x;
+  uv_timer_t xtimer;
+  sl_list_t idle_link; /* in w->idle_sweep_conns while the exchange waits to be given back */
   struct sl_tls *tls; /* accepted on a TLS listener */
   char peer[64]; /* client IP, for X-Forwarded-For */
   uint8_t state;
@@ -46,6 +51,13 @@ typedef struct sl_conn {
   bool admin;         /* accepted on the admin listener */
   uint64_t serial;    /* unique per worker: finds the connection again after async work */
 } sl_conn_t;
+
+/* The connection's exchange, allocated if it has none (the request being handled needs one). */
+sl_exchange_t *sl_conn_exchange(sl_conn_t *c);
+/* Per-worker state of the server side (the sweep that frees idle connections' exchanges);
+ * closed with the worker's other handles. */
+void sl_server_worker_init(sl_worker_t *w);
+void sl_server_worker_close(sl_worker_t *w);
 
 /* The live connection with this serial, or NULL when it has closed meanwhile. */
 sl_conn_t *sl_server_find_conn(sl_worker_t *w, uint64_t serial);

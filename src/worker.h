@@ -83,6 +83,8 @@ typedef struct sl_worker {
   sl_list_t endpoints;
   sl_list_t conns;
   uint32_t nconns;
+  sl_list_t idle_sweep_conns; /* connections gone idle whose exchange is to be freed */
+  uv_check_t idle_sweep;      /* frees them after the I/O callbacks of the loop turn */
   uint64_t next_conn_serial;
 
   /* The request a policy hook is deciding on; read by the Lua `req` object. */

@@ -436,7 +436,7 @@ static void settle(sl_ws_t *ws) {
   }
   if (closing(ws) && !ws->close_wait) {
     ws->close_wait = true;
-    uv_timer_start(&ws->x->timer, on_session_timer, SL_WS_CLOSE_WAIT_MS, 0);
+    uv_timer_start(ws->x->timer, on_session_timer, SL_WS_CLOSE_WAIT_MS, 0);
   }
 }
 
@@ -486,7 +486,7 @@ static void on_session_timer(uv_timer_t *t) {
   settle(ws);
   if (leave(ws) && !ws->ending && x->ws == ws && !ws->close_wait) {
     uint64_t tick = tick_ms(ws);
-    if (tick != UINT64_MAX) uv_timer_start(&x->timer, on_session_timer, tick, 0);
+    if (tick != UINT64_MAX) uv_timer_start(x->timer, on_session_timer, tick, 0);
   }
 }
 
@@ -561,7 +561,7 @@ int sl_ws_start(sl_exchange_t *x, const char *accept, const char *protocol, size
   x->conn->w->stats.ws_sessions++;
   ws->last_activity_ms = ws->last_ping_ms = sl_worker_now(x->conn->w);
   uint64_t tick = tick_ms(ws);
-  if (tick != UINT64_MAX) uv_timer_start(&x->timer, on_session_timer, tick, 0);
+  if (tick != UINT64_MAX) uv_timer_start(x->timer, on_session_timer, tick, 0);
   enter(ws);
   if (early_len) feed(ws, UPSTREAM, (const uint8_t *)early, early_len);
   sl_conn_t *c = x->conn;

@@ -796,7 +796,9 @@ class CompiledCodeTest(ResilienceCase):
             except socket.timeout:
                 self.fail("a runaway loop in a modified copy of a shipped policy hangs a worker")
             self.assertJsonError(r, 500, "policy_error")
-        self.assertIsNotNone(self.sluice.wait_log(r"policy error \(pool spin", 2, start=mark))
+        # the workers log on their own threads: wait for all 40 lines
+        h.wait_for(lambda: len(self.log_lines(r"policy error \(pool spin", mark)) >= 40, 5,
+                   what="40 policy error lines")
         lines = self.log_lines(r"policy error \(pool spin", mark)
         self.assertEqual(len(lines), 40, lines[:3])
         for line in lines:
