@@ -686,11 +686,19 @@ static int r_headers_complete(llhttp_t *p) {
   /* One pass for the headers the gateway acts on. */
   const char *conn_tokens = NULL;
   size_t conn_len = 0;
+  sl_buf_t conn_all; /* the tokens of every Connection header, when there are several */
+  sl_buf_init(&conn_all);
+  sl_hedits_t redits = {0};
   unsigned te = 0;
   for (uint32_t i = 0; i < x->nrhdr; i++) {
     const uint32_t *h = &x->rhdr[4 * i];
     const char *n = x->rstr.data + h[0], *v = x->rstr.data + h[2];
     if (h[1] == 10 && sl_strieq(n, 10, "connection")) {
+      if (conn_tokens && !conn_all.len) sl_buf_append(&conn_all, conn_tokens, conn_len);
+      if (conn_all.len) {
+        sl_buf_append(&conn_all, ", ", 2);
+        sl_buf_append(&conn_all, v, h[3]);
+      }
       conn_tokens = v;
       conn_len = h[3];
     } else if (h[1] == 6 && sl_strieq(n, 6, "x-load")) {
@@ -700,13 +708,20 @@ static int r_headers_complete(llhttp_t *p) {
        * the client still applied and unannounced (nginx refuses these too). */
       if (++te > 1 || !sl_strieq(v, h[3], "chunked")) {
         x->rerror = "unsupported Transfer-Encoding (only \"chunked\" is relayed)";
+        sl_buf_free(&conn_all);
         return -1;
       }
     }
   }
-  if (status >= 400 && retry_on_status(x, status)) return HPE_PAUSED;
-  sl_hedits_t redits = {0};
-  if (x->route->hook && !run_on_response(x, &redits)) return HPE_PAUSED;
+  if (conn_all.len) {
+    conn_tokens = conn_all.data;
+    conn_len = conn_all.len;
+  }
+  if ((status >= 400 && retry_on_status(x, status)) ||
+      (x->route->hook && !run_on_response(x, &redits))) {
+    sl_buf_free(&conn_all);
+    return HPE_PAUSED;
+  }
 
   bool no_body = x->head_request || status == 204 || status == 304;
   bool has_cl = (p->flags & F_CONTENT_LENGTH) && !(p->flags & F_CHUNKED);
@@ -763,6 +778,7 @@ static int r_headers_complete(llhttp_t *p) {
     sl_buf_appends(o, "Connection: keep-alive\r\n");
   sl_buf_append(o, "\r\n", 2);
   x->head_sent = true;
+  sl_buf_free(&conn_all);
   /* 1 = no body: llhttp would otherwise read Content-Length bytes after a 204 or 304 (RFC
    * 9110 6.4.1: they have none), hanging the exchange and misframing a reused connection. */
   return no_body ? 1 : 0;

@@ -27,6 +27,9 @@ ROUTES = {
     "/te-twice": (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"
                   b"3\r\nabc\r\n0\r\n\r\n"),
     "/te-cl": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    # Hop-by-hop headers named in any of several Connection headers are dropped.
+    "/two-connection": (b"HTTP/1.1 200 OK\r\nConnection: X-Gone\r\nX-Gone: 1\r\nX-Stay: 2\r\n"
+                        b"Connection: keep-alive, X-Also\r\nX-Also: 3\r\nContent-Length: 2\r\n\r\nok"),
     "/huge-head": b"HTTP/1.1 200 OK\r\n" + b"X-Big: " + b"b" * 300000 + b"\r\nContent-Length: 2\r\n\r\nok",
 }
 CLOSE_AFTER = {"/te-gzip"}
@@ -135,6 +138,15 @@ class ResponseFramingTest(h.SluiceTestCase):
         r, opened = self.pair("GET", "/trailers")
         self.assertEqual(r.status, 200)
         self.assertEqual(r.body, b"ok")
+        self.assertLessEqual(opened, 1)
+
+    def test_headers_named_by_any_connection_header_are_dropped(self):
+        r, opened = self.pair("GET", "/two-connection")
+        self.assertEqual(r.status, 200)
+        self.assertIsNone(h.hdr(r.headers, "x-gone"))
+        self.assertIsNone(h.hdr(r.headers, "x-also"))
+        self.assertIsNone(h.hdr(r.headers, "connection"))
+        self.assertEqual(h.hdr(r.headers, "x-stay"), "2")
         self.assertLessEqual(opened, 1)
 
     def test_bad_transfer_codings_are_502(self):
