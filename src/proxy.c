@@ -391,15 +391,16 @@ static void on_up_eof(sl_exchange_t *x, sl_upconn_t *u, ssize_t n) {
   }
   if (!x->got_bytes && x->reused && !x->stale_retried && replayable(&x->conn->req)) {
     /* A pooled connection the upstream had closed: nothing was answered, so the request is
-     * re-sent once on a fresh connection to the same endpoint. Only when a second delivery is
-     * harmless: the upstream may have acted on the request before closing. */
+     * re-sent once on a fresh connection to the same endpoint (not another pooled one: it
+     * idled as long and is as likely closed). Only when a second delivery is harmless: the
+     * upstream may have acted on the request before closing. */
     x->stale_retried = true;
     sl_upconn_close(u);
     x->reused = false;
     x->connecting = true;
     x->ep->view.queued++;
     int err = 0;
-    x->up = sl_upconn_acquire(x->ep, x->pool->conf->connect_timeout_ms, &up_ops, x, &err);
+    x->up = sl_upconn_connect(x->ep, x->pool->conf->connect_timeout_ms, &up_ops, x, &err);
     if (!x->up) {
       sl_outcome_t o = outcome(x, "connect_error", 0);
       attempt_failed(x, &o, -2, 502, "upstream_connect_failed", "connecting to %s failed: %s",
@@ -556,8 +557,11 @@ static int head_too_big(sl_exchange_t *x) {
   return -1;
 }
 
+/* Header callbacks after the head are the trailer fields of a chunked body: neither stored
+ * nor relayed (the relayed body ends with an empty trailer section). */
 static int r_field(llhttp_t *p, const char *at, size_t len) {
   sl_exchange_t *x = X(p);
+  if (x->head_sent) return 0;
   if (x->rfield != 1) {
     if (x->nrhdr == x->rhdr_cap) {
       x->rhdr_cap = x->rhdr_cap ? x->rhdr_cap * 2 : 32;
@@ -575,6 +579,11 @@ static int r_field(llhttp_t *p, const char *at, size_t len) {
 
 static int r_value(llhttp_t *p, const char *at, size_t len) {
   sl_exchange_t *x = X(p);
+  if (x->head_sent) return 0;
+  if (x->rfield == 0) { /* a value with no name before it (": b") */
+    x->rerror = "empty header name";
+    return -1;
+  }
   uint32_t *h = &x->rhdr[4 * (x->nrhdr - 1)];
   if (x->rfield != 2) {
     h[1] = (uint32_t)x->rstr.len - h[0];
@@ -588,6 +597,11 @@ static int r_value(llhttp_t *p, const char *at, size_t len) {
 
 static int r_value_complete(llhttp_t *p) {
   sl_exchange_t *x = X(p);
+  if (x->head_sent) return 0;
+  if (x->rfield == 0) { /* an empty value with no name before it (":") */
+    x->rerror = "empty header name";
+    return -1;
+  }
   uint32_t *h = &x->rhdr[4 * (x->nrhdr - 1)];
   if (x->rfield != 2) {
     h[1] = (uint32_t)x->rstr.len - h[0];
@@ -671,6 +685,10 @@ static int r_headers_complete(llhttp_t *p) {
   sl_exchange_t *x = X(p);
   sl_conn_t *c = x->conn;
   int status = p->status_code;
+  if (status < 100 || status > 599) { /* llhttp takes "20", "0" and the like */
+    x->rerror = "invalid status code";
+    return -1;
+  }
   if (status < 200 && status != 101) {
     x->skip_message = true; /* interim response: the final one follows */
     return 1;               /* never a body, whatever its headers say */
@@ -717,6 +735,9 @@ static int r_headers_complete(llhttp_t *p) {
     conn_tokens = conn_all.data;
     conn_len = conn_all.len;
   }
+  /* RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing; the
+   * connection is closed after it. */
+  if (te && p->http_major == 1 && p->http_minor == 0) x->up_keep = false;
   if ((status >= 400 && retry_on_status(x, status)) ||
       (x->route->hook && !run_on_response(x, &redits))) {
     sl_buf_free(&conn_all);

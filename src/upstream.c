@@ -165,6 +165,11 @@ sl_upconn_t *sl_upconn_acquire(sl_endpoint_t *ep, uint32_t connect_timeout_ms,
     u->ctx = ctx;
     return u;
   }
+  return sl_upconn_connect(ep, connect_timeout_ms, ops, ctx, err);
+}
+
+sl_upconn_t *sl_upconn_connect(sl_endpoint_t *ep, uint32_t connect_timeout_ms,
+                               const sl_upconn_ops_t *ops, void *ctx, int *err) {
   sl_worker_t *w = ep->worker;
   sl_upconn_t *u = sl_calloc(1, sizeof(*u));
   u->ep = ep;

@@ -47,6 +47,9 @@ const char *sl_upconn_tls_error(const sl_upconn_t *u);
  * only when the socket could not even be created, with *err set. */
 sl_upconn_t *sl_upconn_acquire(sl_endpoint_t *ep, uint32_t connect_timeout_ms,
                                const sl_upconn_ops_t *ops, void *ctx, int *err);
+/* Starts a new connection to ep, never a pooled one (ops->connected follows); NULL as above. */
+sl_upconn_t *sl_upconn_connect(sl_endpoint_t *ep, uint32_t connect_timeout_ms,
+                               const sl_upconn_ops_t *ops, void *ctx, int *err);
 /* Returns a connection whose last response was complete to the idle pool (or closes it when the
  * pool is full, the worker drains, or `reusable` is false). The owner must not use it after. */
 void sl_upconn_release(sl_upconn_t *u, bool reusable);
