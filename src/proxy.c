@@ -378,8 +378,9 @@ static bool replayable(const sl_http_req_t *r) {
 }
 
 static void on_up_eof(sl_exchange_t *x, sl_upconn_t *u, ssize_t n) {
-  if (x->got_bytes && !x->message_done) {
-    /* close-delimited bodies end here */
+  if (x->got_bytes && !x->message_done && n == UV_EOF) {
+    /* close-delimited bodies end here, at a clean end only: a broken TLS record or a TLS
+     * connection cut without close_notify leaves the body truncated */
     llhttp_errno_t e = llhttp_finish(&x->rp);
     flush_out(x);
     if (x->conn->closing) return;
@@ -411,7 +412,10 @@ static void on_up_eof(sl_exchange_t *x, sl_upconn_t *u, ssize_t n) {
   sl_outcome_t o = outcome(x, "reset", 0);
   attempt_failed(x, &o, -2, 502, "upstream_reset",
                  "%s closed the connection before a complete response (%s)", x->ep->url,
-                 n == UV_EOF ? "EOF" : uv_strerror((int)n));
+                 n == UV_EOF            ? "EOF"
+                 : n == UV_ECONNABORTED ? "TLS connection ended without close_notify"
+                 : n == UV_EPROTO       ? "broken TLS record"
+                                        : uv_strerror((int)n));
 }
 
 

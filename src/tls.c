@@ -101,8 +101,15 @@ sl_tls_t *sl_tls_server_new(SSL_CTX *ctx) {
   return t;
 }
 
+/* OpenSSL's error queue is per thread and SSL_get_error() looks at it first: an error left
+ * by one connection would make the next connection's harmless WANT_READ read as a failure.
+ * Every SSL_* call therefore starts with an empty queue (as nginx does). */
+static void clear_errors(void) { ERR_clear_error(); }
+
 void sl_tls_shutdown(sl_tls_t *t) {
-  if (t->handshake_done && !t->failed) SSL_shutdown(t->ssl);
+  if (!t->handshake_done || t->failed) return;
+  clear_errors();
+  SSL_shutdown(t->ssl);
 }
 
 static bool is_ip(const char *host) {
@@ -140,6 +147,7 @@ void sl_tls_feed(sl_tls_t *t, const char *data, size_t n) {
 
 int sl_tls_handshake(sl_tls_t *t) {
   if (t->handshake_done) return SL_TLS_OK;
+  clear_errors();
   int rc = SSL_do_handshake(t->ssl);
   if (rc == 1) {
     t->handshake_done = true;
@@ -152,6 +160,7 @@ int sl_tls_handshake(sl_tls_t *t) {
 }
 
 int sl_tls_read(sl_tls_t *t, char *buf, size_t cap) {
+  clear_errors();
   int n = SSL_read(t->ssl, buf, (int)cap);
   if (n > 0) return n;
   int e = SSL_get_error(t->ssl, n);
@@ -162,6 +171,7 @@ int sl_tls_read(sl_tls_t *t, char *buf, size_t cap) {
 }
 
 int sl_tls_write(sl_tls_t *t, const char *data, size_t n) {
+  clear_errors();
   while (n) {
     int w = SSL_write(t->ssl, data, (int)SL_MIN(n, (size_t)(1 << 30)));
     if (w <= 0) return SL_TLS_ERROR; /* memory BIOs never block a write */

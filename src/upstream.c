@@ -94,6 +94,9 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
     tls_failed(u);
     return;
   }
+  /* A TLS connection that ends without close_notify is truncated (RFC 8446 6.1): not the clean
+   * end a close-delimited body needs. */
+  if (u->tls && n == UV_EOF) n = UV_ECONNABORTED;
   u->ops->read(u->ctx, u, buf->base, n);
 }
 

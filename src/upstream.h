@@ -42,6 +42,9 @@ struct sl_upconn {
 /* Why the last TLS handshake on this worker failed (valid in the connected callback that
  * reported UV_EPROTO). */
 const char *sl_upconn_tls_error(const sl_upconn_t *u);
+/* ops->read gets n < 0 at the end: UV_EOF for a clean end (TCP FIN, or TLS close_notify),
+ * UV_ECONNABORTED for a TLS connection cut without close_notify, UV_EPROTO for a broken TLS
+ * record, other libuv errors as they come. */
 /* Takes an idle connection to ep (returns it with connected = true; the caller writes at
  * once) or starts a new connection (connected = false; ops->connected follows). Returns NULL
  * only when the socket could not even be created, with *err set. */
