@@ -581,6 +581,17 @@ static int r_field(llhttp_t *p, const char *at, size_t len) {
   return 0;
 }
 
+/* llhttp reports an empty field name (": b") as a complete empty name. */
+static int r_field_complete(llhttp_t *p) {
+  sl_exchange_t *x = X(p);
+  if (x->head_sent) return 0;
+  if (x->rfield != 1 || x->rstr.len == x->rhdr[4 * (x->nrhdr - 1)]) {
+    x->rerror = "empty header name";
+    return -1;
+  }
+  return 0;
+}
+
 static int r_value(llhttp_t *p, const char *at, size_t len) {
   sl_exchange_t *x = X(p);
   if (x->head_sent) return 0;
@@ -836,6 +847,7 @@ static int r_message_complete(llhttp_t *p) {
 
 static const llhttp_settings_t resp_settings = {
     .on_header_field = r_field,
+    .on_header_field_complete = r_field_complete,
     .on_header_value = r_value,
     .on_header_value_complete = r_value_complete,
     .on_headers_complete = r_headers_complete,
