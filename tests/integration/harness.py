@@ -667,6 +667,65 @@ class ThreadedServer:
                     pass
 
 
+class MemoryTLS:
+    """The server side of a TLS session over a socket through memory BIOs, so that a test
+    upstream sees and controls every record: handshake(), then read_request() / write().
+    Raises EOFError when the peer closed the TCP connection."""
+
+    def __init__(self, ctx, sock):
+        import ssl
+        self.ssl = ssl
+        self.sock = sock
+        self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.inc, self.out, server_side=True)
+        self.buf = b""
+
+    def flush(self):
+        """Sends what the TLS layer produced."""
+        d = self.out.read()
+        if d:
+            self.sock.sendall(d)
+
+    def pump(self):
+        """Feeds the next bytes from the socket to the TLS layer."""
+        d = self.sock.recv(65536)
+        if not d:
+            raise EOFError
+        self.inc.write(d)
+
+    def handshake(self):
+        while True:
+            try:
+                self.obj.do_handshake()
+                break
+            except self.ssl.SSLWantReadError:
+                self.flush()
+                self.pump()
+        self.flush()
+
+    def _read_more(self):
+        try:
+            self.buf += self.obj.read(65536)
+        except self.ssl.SSLWantReadError:
+            self.pump()
+
+    def read_request(self):
+        """(head bytes, body bytes) of the next request (Content-Length bodies only)."""
+        while b"\r\n\r\n" not in self.buf:
+            self._read_more()
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        m = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+        clen = int(m.group(1)) if m else 0
+        while len(self.buf) < clen:
+            self._read_more()
+        body, self.buf = self.buf[:clen], self.buf[clen:]
+        return head, body
+
+    def write(self, data):
+        self.obj.write(data)
+        self.flush()
+
+
 class ScriptedUpstream(ThreadedServer):
     """A tiny upstream written in Python for behaviour sluice-mock cannot produce (garbage
     responses, closing a kept-alive connection at a chosen moment, odd headers).

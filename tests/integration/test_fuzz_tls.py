@@ -1621,45 +1621,12 @@ class ResponseUpstream:
 
     def _serve(self, sock, conn):
         sock.settimeout(15)
-        inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        obj = self.ctx.wrap_bio(inc, out, server_side=True)
-
-        def flush():
-            d = out.read()
-            if d:
-                sock.sendall(d)
-
-        def pump():
-            d = sock.recv(65536)
-            if not d:
-                raise EOFError
-            inc.write(d)
-
+        t = h.MemoryTLS(self.ctx, sock)
+        obj, inc, out, flush = t.obj, t.inc, t.out, t.flush
         try:
+            t.handshake()
             while True:
-                try:
-                    obj.do_handshake()
-                    break
-                except ssl.SSLWantReadError:
-                    flush()
-                    pump()
-            flush()
-            buf = b""
-            while True:
-                while b"\r\n\r\n" not in buf:
-                    try:
-                        buf += obj.read(65536)
-                    except ssl.SSLWantReadError:
-                        pump()
-                head, buf = buf.split(b"\r\n\r\n", 1)
-                m = re.search(rb"(?im)^content-length:\s*(\d+)", head)
-                clen = int(m.group(1)) if m else 0
-                while len(buf) < clen:
-                    try:
-                        buf += obj.read(65536)
-                    except ssl.SSLWantReadError:
-                        pump()
-                buf = buf[clen:]
+                head, _ = t.read_request()
                 target = head.split(b" ", 2)[1].decode("latin-1")
                 m = re.search(r"/([ud]\d{4}z[0-9a-f]+(?:-\w+)?)", target)
                 with self.lock:

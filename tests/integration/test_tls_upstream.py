@@ -385,45 +385,12 @@ class CoalescingUpstream:
 
     def _serve(self, sock):
         sock.settimeout(10)
-        inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
-        obj = self.ctx.wrap_bio(inc, out, server_side=True)
-
-        def flush():
-            data = out.read()
-            if data:
-                sock.sendall(data)
-
-        def pump():
-            data = sock.recv(65536)
-            if not data:
-                raise EOFError
-            inc.write(data)
-
+        t = h.MemoryTLS(self.ctx, sock)
+        obj, flush = t.obj, t.flush
         try:
+            t.handshake()
             while True:
-                try:
-                    obj.do_handshake()
-                    break
-                except ssl.SSLWantReadError:
-                    flush()
-                    pump()
-            flush()
-            buf = b""
-            while True:
-                while b"\r\n\r\n" not in buf:
-                    try:
-                        buf += obj.read(65536)
-                    except ssl.SSLWantReadError:
-                        pump()
-                head, buf = buf.split(b"\r\n\r\n", 1)
-                m = re.search(rb"(?im)^content-length:\s*(\d+)", head)
-                clen = int(m.group(1)) if m else 0
-                while len(buf) < clen:
-                    try:
-                        buf += obj.read(65536)
-                    except ssl.SSLWantReadError:
-                        pump()
-                buf = buf[clen:]
+                head, _ = t.read_request()
                 target = head.split(b" ", 2)[1]
                 if b"notify" in target:
                     obj.write(self._response(b"first"))
