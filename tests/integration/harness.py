@@ -1165,6 +1165,21 @@ class SluiceTestCase(unittest.TestCase):
     SIGTERM."""
 
     maxDiff = 4000
+
+    def assertSettled(self, sluice):
+        """After a run: sluice alive, holding at most the admin connection, no request active or
+        queued in any pool, no endpoint with requests in flight, no sanitizer report."""
+        self.assertTrue(sluice.alive())
+        wait_for(lambda: sluice.status()["connections"] <= 1, 10,
+                 what="the gateway to hold no client connection")
+        st = sluice.status()
+        for pool in st["pools"]:
+            self.assertEqual((pool["name"], pool["active"], pool["queued"]), (pool["name"], 0, 0), st)
+            for ep in pool["endpoints"]:
+                self.assertEqual(ep["inflight"], 0, st)
+        rep = sanitizer_report(sluice.log_text())
+        self.assertIsNone(rep, rep)
+        return st
     # For classes whose sluice may be stuck in a runaway policy if a test fails: stop it with
     # a short timeout and do not require exit 0 (SIGTERM cannot be handled mid-loop).
     stuck_sluice_ok = False

@@ -1135,14 +1135,7 @@ class FuzzHttpTest(h.SluiceTestCase):
         # (e) still serving, nothing held, no sanitizer report
         self.assertTrue(self.sluice.alive())
         self.assert_serving()
-        h.wait_for(lambda: self.status()["connections"] <= 1, 10,
-                   what="the gateway to hold no client connection")
-        st = self.status()
-        pool = st["pools"][0]
-        self.assertEqual((pool["active"], pool["queued"]), (0, 0), st)
-        self.assertEqual(pool["endpoints"][0]["inflight"], 0, st)
-        rep = h.sanitizer_report(self.sluice.log_text())
-        self.assertIsNone(rep, rep)
+        self.assertSettled(self.sluice)
 
 
     # --- minimal reproducers of what the fuzzing found ------------------------------------
