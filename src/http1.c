@@ -88,12 +88,11 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len) {
   if (h->in_field == 0) return fail(p, 400, "empty header name");
   if (len == 0) return 0; /* llhttp reports empty spans too: the value has not started */
   /* llhttp accepts obs-fold (a value continued on a line starting with whitespace) even in
-   * strict mode; it shows up as a value span that directly follows a line break, or, when the
-   * first line's value was empty, as a value that starts on the next line (llhttp skips the
-   * continuation's leading whitespace: "Content-Length:\r\n 5" would otherwise read as 5). */
-  if ((len && (at[0] == ' ' || at[0] == '\t') && byte_before(h, at, 1) == '\n') ||
-      (h->in_field != 2 && byte_before_ws(h, at) == '\n'))
-    return fail(p, 400, "obsolete line folding in header value");
+   * strict mode. A value span is normally preceded by ':' and optional whitespace, or by more
+   * of the value; after a fold, by a line break: as the continuation line itself, or, when the
+   * first line's value was empty, as the next line's text (llhttp skips the whitespace:
+   * "Content-Length:\r\n 5" would otherwise read as 5). */
+  if (byte_before_ws(h, at) == '\n') return fail(p, 400, "obsolete line folding in header value");
   if (h->in_field != 2) {
     h->req->headers[h->req->nheaders - 1].value_off = (uint32_t)h->req->strings.len;
     h->in_field = 2;
