@@ -52,7 +52,7 @@ import unittest
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 import harness as h  # noqa: E402
 from wsraw import (BINARY, CLOSE, CONT, GUID, PING, PONG, TEXT, RawServer, close_payload,  # noqa: E402
-                   encode, parse_frame)
+                   encode, parse_frame, read_upgrade)
 
 SEED = int(os.environ.get("SLUICE_FUZZ_SEED", "9157"))
 N_CASES = int(os.environ.get("SLUICE_FUZZ_CASES", "1500"))
@@ -137,16 +137,10 @@ class EchoUpstream(RawServer):
         try:
             conn.settimeout(60)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            buf = b""
-            while b"\r\n\r\n" not in buf:
-                data = conn.recv(65536)
-                if not data:
-                    return
-                buf += data
-            head, rest = buf.split(b"\r\n\r\n", 1)
-            lines = head.decode("latin-1").split("\r\n")
-            method, path = lines[0].split(" ")[:2]
-            hs = {k.strip().lower(): v.strip() for k, v in (l.split(":", 1) for l in lines[1:])}
+            got = read_upgrade(conn)
+            if got is None:
+                return
+            method, path, hs, rest = got
             tokens = [t.strip().lower() for t in hs.get("connection", "").split(",")]
             if (method != "GET" or hs.get("upgrade", "").lower() != "websocket" or "upgrade" not in tokens
                     or len(hs.get("sec-websocket-key", "")) != 24 or hs.get("sec-websocket-version") != "13"

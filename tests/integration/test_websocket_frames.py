@@ -20,7 +20,7 @@ import unittest
 sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 import harness as h  # noqa: E402
 from wsraw import (BINARY, CLOSE, CONT, GUID, PING, PONG, TEXT, RawServer, close_payload,  # noqa: E402
-                   encode, mask, parse_frame)
+                   encode, mask, parse_frame, read_upgrade)
 
 KA = b"sluice-ka"  # payload of the gateway's keepalive pings
 TIMEOUT = 5.0
@@ -136,16 +136,10 @@ class RawUpstream(RawServer):
     def serve(self, conn):
         try:
             conn.settimeout(TIMEOUT)
-            buf = b""
-            while b"\r\n\r\n" not in buf:
-                data = conn.recv(65536)
-                if not data:
-                    return
-                buf += data
-            head, rest = buf.split(b"\r\n\r\n", 1)
-            lines = head.decode("latin-1").split("\r\n")
-            path = lines[0].split(" ")[1]
-            headers = {k.strip().lower(): v.strip() for k, v in (l.split(":", 1) for l in lines[1:])}
+            got = read_upgrade(conn)
+            if got is None:
+                return
+            _, path, headers, rest = got
             accept = base64.b64encode(hashlib.sha1(headers["sec-websocket-key"].encode() + GUID).digest())
             with self.cv:
                 early = self.early.get(path, b"")

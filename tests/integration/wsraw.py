@@ -99,6 +99,22 @@ def parse_frame(buf):
     return Frame(bool(raw[0] & 0x80), (raw[0] >> 4) & 7, raw[0] & 0xF, key, payload, raw), i + n
 
 
+def read_upgrade(conn):
+    """Reads an opening handshake request from a raw socket: (method, path, headers with
+    lower-case names, bytes after the head), or None when the peer closed first."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = conn.recv(65536)
+        if not data:
+            return None
+        buf += data
+    head, rest = buf.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    method, path = lines[0].split(" ")[:2]
+    headers = {k.strip().lower(): v.strip() for k, v in (l.split(":", 1) for l in lines[1:])}
+    return method, path, headers, rest
+
+
 class RawServer(h.ThreadedServer):
     """A raw TCP server for WebSocket upstream fakes (ws:// URLs)."""
 
