@@ -185,6 +185,28 @@ def make_config(pools, routes, limits=None, policies=None, log_level="info", **e
 # Processes
 
 
+METRICS_DOC = os.path.join(SOURCE_DIR, "docs", "metrics.md")
+
+
+def metrics_catalogue():
+    """{name: (type, set of label names)} from the catalogue table of docs/metrics.md."""
+    row = re.compile(r"^\|\s*`(sluice_[a-z0-9_]+)`\s*\|\s*(counter|gauge|histogram)\s*\|"
+                     r"\s*([^|]*)\|")
+    cat = {}
+    with open(METRICS_DOC, encoding="utf-8") as f:
+        for line in f:
+            m = row.match(line)
+            if not m:
+                continue
+            labels = {l.strip() for l in m.group(3).split(",")} - {"", "—", "-"}
+            if m.group(1) in cat:
+                raise AssertionError("docs/metrics.md lists %s twice" % m.group(1))
+            cat[m.group(1)] = (m.group(2), labels)
+    if len(cat) < 20:
+        raise AssertionError("could not parse the catalogue table of %s (%d rows)" % (METRICS_DOC, len(cat)))
+    return cat
+
+
 ADMIN_RE = re.compile(r"admin listening on 127\.0\.0\.1:(\d+)")
 SANITIZER_RE = re.compile(r"ERROR: AddressSanitizer|ERROR: LeakSanitizer|runtime error:|"
                           r"UndefinedBehaviorSanitizer|SUMMARY: \w+Sanitizer")

@@ -16,10 +16,12 @@ import sys
 import tempfile
 import unittest
 
+sys.dont_write_bytecode = True  # no __pycache__ in the source tree
+import harness as h  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE_DIR = os.environ.get("SLUICE_SOURCE_DIR") or os.path.dirname(os.path.dirname(HERE))
 MON = os.path.join(SOURCE_DIR, "examples", "monitoring")
-DOC = os.path.join(SOURCE_DIR, "docs", "metrics.md")
 DASHBOARD = os.path.join(MON, "grafana-dashboard.json")
 ALERTS = os.path.join(MON, "alerts.yml")
 ALERTS_TEST = os.path.join(MON, "alerts_test.yml")
@@ -47,23 +49,6 @@ def run_promtool(*args):
     p = subprocess.run([promtool()] + list(args), stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, timeout=120, cwd=MON)
     return p.returncode, p.stdout.decode("utf-8", "replace")
-
-
-def load_catalogue():
-    """{name: (type, set of labels)} from the catalogue table of docs/metrics.md."""
-    row = re.compile(r"^\|\s*`(sluice_[a-z0-9_]+)`\s*\|\s*(counter|gauge|histogram)\s*\|"
-                     r"\s*([^|]*)\|")
-    cat = {}
-    with open(DOC, encoding="utf-8") as f:
-        for line in f:
-            m = row.match(line)
-            if not m:
-                continue
-            labels = {l.strip() for l in m.group(3).split(",")} - {"", "—", "-"}
-            if m.group(1) in cat:
-                raise AssertionError("docs/metrics.md lists %s twice" % m.group(1))
-            cat[m.group(1)] = (m.group(2), labels)
-    return cat
 
 
 def strip_strings(expr):
@@ -161,7 +146,7 @@ class MonitoringAssetsTest(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.catalogue = load_catalogue()
+        cls.catalogue = h.metrics_catalogue()
         with open(DASHBOARD, encoding="utf-8") as f:
             cls.dashboard = json.load(f)
         cls.alert_rules = rule_exprs(ALERTS)

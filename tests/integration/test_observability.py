@@ -23,7 +23,6 @@ sys.dont_write_bytecode = True  # no __pycache__ in the source tree
 import harness as h  # noqa: E402
 import websockets  # noqa: E402  (Debian python3-websockets)
 
-DOC = os.path.join(h.SOURCE_DIR, "docs", "metrics.md")
 TOKEN = "obs-admin-token-0123456789abcdef"
 FAIL503 = ["--fail-rate", "1", "--fail-status", "503"]
 LATENCY_BUCKETS = ["0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1", "2.5", "5", "10",
@@ -44,25 +43,6 @@ def promtool():
         raise AssertionError("promtool not found: install Debian's `prometheus` package "
                              "(scripts/setup.sh does)")
     return path
-
-
-def load_catalogue():
-    """{name: (type, set of label names)} from the catalogue table of docs/metrics.md."""
-    row = re.compile(r"^\|\s*`(sluice_[a-z0-9_]+)`\s*\|\s*(counter|gauge|histogram)\s*\|"
-                     r"\s*([^|]*)\|")
-    cat = {}
-    with open(DOC, encoding="utf-8") as f:
-        for line in f:
-            m = row.match(line)
-            if not m:
-                continue
-            labels = {l.strip() for l in m.group(3).split(",")} - {"", "—", "-"}
-            if m.group(1) in cat:
-                raise AssertionError("docs/metrics.md lists %s twice" % m.group(1))
-            cat[m.group(1)] = (m.group(2), labels)
-    if len(cat) < 20:
-        raise AssertionError("could not parse the catalogue table of %s (%d rows)" % (DOC, len(cat)))
-    return cat
 
 
 # ---------------------------------------------------------------------------------------
@@ -335,7 +315,7 @@ class MetricsTest(ObsCase):
     # 2 ---------------------------------------------------------------------------------------
 
     def test_every_catalogued_metric_is_exported_as_documented(self):
-        cat = load_catalogue()
+        cat = h.metrics_catalogue()
         self.traffic()
         sc = self.scrape()
         problems = []
