@@ -49,24 +49,14 @@ wait_listen "$SPORT" "$SPID" || die "sluice did not start: $(cat "$TMP/sluice.lo
 
 body=$(head -c "$SIZE" /dev/zero | tr '\0' 'x')
 mkdir -p "$TMP/ng"
-cat >"$TMP/ng/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $TMP/ng/nginx.pid;
-error_log $TMP/ng/error.log warn;
-events { worker_connections 4096; use epoll; }
-http {
-  access_log off;
-  client_body_temp_path $TMP/ng; proxy_temp_path $TMP/ng; fastcgi_temp_path $TMP/ng;
-  uwsgi_temp_path $TMP/ng; scgi_temp_path $TMP/ng;
-  keepalive_timeout 300s;
-  keepalive_requests 1000000;
+{ nginx_conf_head "$TMP/ng"; cat <<EOF
   server {
     listen 127.0.0.1:$NPORT backlog=1024;
     location / { default_type application/octet-stream; return 200 "$body"; }
   }
 }
 EOF
+} >"$TMP/ng/nginx.conf"
 (pin "$PROXY_CPUS" nginx -p "$TMP/ng" -c "$TMP/ng/nginx.conf" >"$TMP/ng/out.log" 2>&1) &
 NPID=$!; PIDS+=($NPID)
 wait_listen "$NPORT" "$NPID" || die "nginx did not start: $(cat "$TMP/ng/out.log")"

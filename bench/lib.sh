@@ -68,5 +68,21 @@ bench_setup() { # bench_setup SCRIPT TOOLS... -- ARGS...
   fi
 }
 
+nginx_conf_head() { # nginx_conf_head DIR: the top of a one-worker nginx.conf with its files in DIR,
+  # up to and including the opening of the http block (the caller adds its servers and the "}")
+  cat <<EOF
+worker_processes 1;
+daemon off;
+pid $1/nginx.pid;
+error_log $1/error.log warn;
+events { worker_connections 4096; use epoll; }
+http {
+  access_log off;
+  client_body_temp_path $1; proxy_temp_path $1; fastcgi_temp_path $1;
+  uwsgi_temp_path $1; scgi_temp_path $1;
+  keepalive_timeout 300s;
+  keepalive_requests 1000000;
+EOF
+}
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 median() { sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }

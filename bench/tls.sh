@@ -51,18 +51,7 @@ SPID=$!; PIDS+=($SPID)
 wait_listen "$SPORT" "$SPID" || die "sluice did not start: $(cat "$TMP/sluice.log")"
 
 mkdir -p "$TMP/ng"
-cat >"$TMP/ng/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $TMP/ng/nginx.pid;
-error_log $TMP/ng/error.log warn;
-events { worker_connections 4096; use epoll; }
-http {
-  access_log off;
-  client_body_temp_path $TMP/ng; proxy_temp_path $TMP/ng; fastcgi_temp_path $TMP/ng;
-  uwsgi_temp_path $TMP/ng; scgi_temp_path $TMP/ng;
-  keepalive_timeout 300s;
-  keepalive_requests 1000000;
+{ nginx_conf_head "$TMP/ng"; cat <<EOF
   ssl_protocols TLSv1.2 TLSv1.3;
   ssl_session_cache shared:SSL:10m;
   upstream up {
@@ -84,6 +73,7 @@ http {
   }
 }
 EOF
+} >"$TMP/ng/nginx.conf"
 (pin "$PROXY_CPUS" nginx -p "$TMP/ng" -c "$TMP/ng/nginx.conf" >"$TMP/ng/out.log" 2>&1) &
 NPID=$!; PIDS+=($NPID)
 wait_listen "$NPORT" "$NPID" || die "nginx did not start: $(cat "$TMP/ng/out.log")"
