@@ -139,21 +139,35 @@ static void build_key(sl_exchange_t *x, const char *custom, size_t custom_len) {
   sl_cache_keyb_final(&kb, &x->ckey);
 }
 
-/* The value of header `name` in a stored head ("Name: value\r\n" lines), or NULL. */
+/* One line of a response head as the gateway keeps it ("Name: value\r\n" lines): the line is
+ * [p, next), its name [p, p + nlen) when it has a colon. */
+typedef struct head_line {
+  const char *p, *next, *colon;
+  size_t nlen;
+} head_line_t;
+
+static bool next_head_line(const char **cur, const char *end, head_line_t *l) {
+  if (*cur >= end) return false;
+  const char *eol = memchr(*cur, '\n', (size_t)(end - *cur));
+  l->p = *cur;
+  l->next = eol ? eol + 1 : end;
+  l->colon = memchr(l->p, ':', (size_t)(l->next - l->p));
+  l->nlen = l->colon ? (size_t)(l->colon - l->p) : 0;
+  *cur = l->next;
+  return true;
+}
+
+/* The value of header `name` in a stored head, or NULL. */
 static const char *head_value(const char *head, size_t hl, const char *name, size_t *vlen) {
   size_t nl = strlen(name);
-  for (const char *p = head, *end = head + hl; p < end;) {
-    const char *eol = memchr(p, '\n', (size_t)(end - p));
-    if (!eol) break;
-    const char *colon = memchr(p, ':', (size_t)(eol - p));
-    if (colon && (size_t)(colon - p) == nl && sl_strieq(p, nl, name)) {
-      const char *v = colon + 1, *ve = eol;
-      while (v < ve && (*v == ' ' || *v == '\t')) v++;
-      while (ve > v && (ve[-1] == '\r' || ve[-1] == ' ' || ve[-1] == '\t')) ve--;
-      *vlen = (size_t)(ve - v);
-      return v;
-    }
-    p = eol + 1;
+  head_line_t l;
+  for (const char *cur = head; next_head_line(&cur, head + hl, &l);) {
+    if (!l.colon || l.nlen != nl || !sl_strieq(l.p, nl, name)) continue;
+    const char *v = l.colon + 1, *ve = l.next;
+    while (v < ve && (*v == ' ' || *v == '\t')) v++;
+    while (ve > v && (ve[-1] == '\n' || ve[-1] == '\r' || ve[-1] == ' ' || ve[-1] == '\t')) ve--;
+    *vlen = (size_t)(ve - v);
+    return v;
   }
   return NULL;
 }
@@ -197,14 +211,10 @@ static bool not_modified(const sl_http_req_t *r, const char *head, size_t hl) {
 static void append_304_head(sl_buf_t *h, const char *head, size_t hl) {
   static const char *const keep[] = {"cache-control", "content-location", "date", "etag",
                                      "expires",       "last-modified",    "vary"};
-  for (const char *p = head, *end = head + hl; p < end;) {
-    const char *eol = memchr(p, '\n', (size_t)(end - p));
-    if (!eol) break;
-    const char *colon = memchr(p, ':', (size_t)(eol - p));
-    for (size_t i = 0; colon && i < SL_ARRAY_SIZE(keep); i++)
-      if (sl_strieq(p, (size_t)(colon - p), keep[i])) sl_buf_append(h, p, (size_t)(eol + 1 - p));
-    p = eol + 1;
-  }
+  head_line_t l;
+  for (const char *cur = head; next_head_line(&cur, head + hl, &l);)
+    for (size_t i = 0; l.colon && i < SL_ARRAY_SIZE(keep); i++)
+      if (sl_strieq(l.p, l.nlen, keep[i])) sl_buf_append(h, l.p, (size_t)(l.next - l.p));
 }
 
 /* Writes a stored response to the client: the original head and body, the framing the
@@ -428,19 +438,15 @@ void sl_cache_flow_head(sl_exchange_t *x, int status, const char *head, size_t l
   sl_buf_t kept;
   sl_buf_init(&kept);
   uint32_t age = 0;
-  for (const char *p = head, *end = head + len; p < end;) {
-    const char *eol = memchr(p, '\n', (size_t)(end - p));
-    const char *next = eol ? eol + 1 : end;
-    const char *colon = memchr(p, ':', (size_t)(next - p));
-    size_t nlen = colon ? (size_t)(colon - p) : 0;
-    if (nlen == 3 && sl_strieq(p, 3, "age")) {
-      uint32_t a = cc_seconds(colon + 1 + (colon[1] == ' '), next);
+  head_line_t l;
+  for (const char *cur = head; next_head_line(&cur, head + len, &l);) {
+    if (l.nlen == 3 && sl_strieq(l.p, 3, "age")) {
+      uint32_t a = cc_seconds(l.colon + 1 + (l.colon[1] == ' '), l.next);
       if (a != UINT32_MAX) age = SL_MIN(a / 1000, 1u << 30);
-    } else if (!(nlen == 7 && sl_strieq(p, 7, "x-cache")) &&
-               !(nlen == 11 && sl_strieq(p, 11, "x-cache-key"))) {
-      sl_buf_append(&kept, p, (size_t)(next - p));
+    } else if (!(l.nlen == 7 && sl_strieq(l.p, 7, "x-cache")) &&
+               !(l.nlen == 11 && sl_strieq(l.p, 11, "x-cache-key"))) {
+      sl_buf_append(&kept, l.p, (size_t)(l.next - l.p));
     }
-    p = next;
   }
   sl_cache_entry_set_head(x->centry, (uint16_t)status, kept.data ? kept.data : "", kept.len);
   sl_buf_free(&kept);
