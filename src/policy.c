@@ -71,12 +71,18 @@ void sl_lua_set_mode(lua_State *L, bool jit, uint64_t budget) {
 
 #include "shipped_lua.h" /* generated: sl_shipped_lua_sha256[] */
 
-static bool shipped_source(const char *src, size_t len) {
+/* Lowercase hex SHA-256 of s into out[65]; false if OpenSSL failed. */
+static bool sha256_hex(const char *s, size_t len, char out[65]) {
   unsigned char md[EVP_MAX_MD_SIZE];
   unsigned int mdlen = 0;
-  if (!EVP_Digest(src, len, md, &mdlen, EVP_sha256(), NULL)) return false;
-  char hex[2 * EVP_MAX_MD_SIZE + 1];
-  for (unsigned int i = 0; i < mdlen; i++) snprintf(hex + 2 * i, 3, "%02x", md[i]);
+  if (!EVP_Digest(s, len, md, &mdlen, EVP_sha256(), NULL) || mdlen != 32) return false;
+  for (unsigned int i = 0; i < mdlen; i++) snprintf(out + 2 * i, 3, "%02x", md[i]);
+  return true;
+}
+
+static bool shipped_source(const char *src, size_t len) {
+  char hex[65];
+  if (!sha256_hex(src, len, hex)) return false;
   for (size_t i = 0; i < sizeof(sl_shipped_lua_sha256) / sizeof(sl_shipped_lua_sha256[0]); i++)
     if (strcmp(hex, sl_shipped_lua_sha256[i]) == 0) return true;
   return false;
@@ -466,12 +472,9 @@ static void push_edit_table(lua_State *L, sl_worker_t *w, int phase) {
 static int l_sha256(lua_State *L) {
   size_t len;
   const char *s = luaL_checklstring(L, 1, &len);
-  unsigned char md[EVP_MAX_MD_SIZE];
-  unsigned int mdlen = 0;
-  if (!EVP_Digest(s, len, md, &mdlen, EVP_sha256(), NULL)) return luaL_error(L, "sha256 failed");
-  char hex[2 * EVP_MAX_MD_SIZE + 1];
-  for (unsigned int i = 0; i < mdlen; i++) snprintf(hex + 2 * i, 3, "%02x", md[i]);
-  lua_pushlstring(L, hex, 2 * mdlen);
+  char hex[65];
+  if (!sha256_hex(s, len, hex)) return luaL_error(L, "sha256 failed");
+  lua_pushlstring(L, hex, 64);
   return 1;
 }
 
